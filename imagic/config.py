@@ -1,0 +1,83 @@
+"""One config model for an edit; a preset is just a named set of defaults."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# η interpolates e_tgt (η=1) and e_opt (η=0); peers extrapolate a little past 1 (~1.2).
+ETA_MIN, ETA_MAX = 0.0, 2.0
+DEFAULT_ETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_SEEDS = (0,)
+
+
+class EditConfig(BaseModel):
+    """Everything that decides what an edit computes. Saved with every result."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Stage 1: text-embedding optimisation (model frozen).
+    embedding_steps: int = Field(500, ge=0, description="Adam steps on e_opt.")
+    embedding_lr: float = Field(1e-3, gt=0)
+    # Stage 2: model fine-tuning with e_opt fixed.
+    finetune_method: Literal["full", "lora"] = "full"
+    finetune_steps: int = Field(1000, ge=0)
+    finetune_lr: float = Field(2e-6, gt=0)
+    lora_rank: int = Field(8, ge=1, description="LoRA rank (finetune_method='lora').")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; defaults to the rank (scale 1).")
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Both training stages.
+    train_batch_size: int = Field(1, ge=1, description="Noise/timestep draws averaged per step.")
+    seed: int = Field(0, ge=0, description="Seeds every training noise and timestep draw.")
+    # Stage 3: rendering.
+    guidance_scale: float = Field(7.5, ge=1.0)
+    num_inference_steps: int = Field(50, ge=1)
+    render_batch_size: int = Field(8, ge=1, description="(η, seed) images per batched UNet call.")
+    # Devices and precision.
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    save_full_delta: bool = Field(False, description="Keep the full fine-tune's weight delta (UNet-sized).")
+
+    @model_validator(mode="after")
+    def _check_lora_only_options(self) -> EditConfig:
+        if self.finetune_method == "full" and self.lora_alpha is not None:
+            raise ValueError("lora_alpha is set but finetune_method is 'full'")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Kawar et al. 2023, Stable Diffusion recipe.
+    "paper": dict(embedding_steps=1000, embedding_lr=2e-3, finetune_method="full", finetune_steps=1500, finetune_lr=5e-7),
+    # diffusers' community Imagic pipeline defaults.
+    "community": dict(embedding_steps=500, embedding_lr=1e-3, finetune_method="full", finetune_steps=1000, finetune_lr=2e-6),
+    # LoRA fine-tune with fewer steps. Provisional until the toy edit benchmark tunes it.
+    "fast": dict(
+        embedding_steps=200, embedding_lr=5e-3, finetune_method="lora", finetune_steps=300, finetune_lr=1e-4,
+        lora_rank=8,
+    ),
+}
+
+
+def make_config(preset: str = "fast", **overrides: Any) -> EditConfig:
+    """The preset's defaults with `overrides` on top, validated."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return EditConfig(**{**PRESETS[preset], **overrides})
+
+
+def check_grid(etas: list[float] | tuple[float, ...], seeds: list[int] | tuple[int, ...]) -> None:
+    """Raise ValueError naming the first bad η or seed."""
+    if not etas:
+        raise ValueError("etas: need at least one value")
+    if not seeds:
+        raise ValueError("seeds: need at least one value")
+    for eta in etas:
+        if not ETA_MIN <= eta <= ETA_MAX:
+            raise ValueError(f"eta {eta} is outside [{ETA_MIN}, {ETA_MAX}]")
+    for seed in seeds:
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed {seed} must be a non-negative integer")
+    if len(set(etas)) != len(etas) or len(set(seeds)) != len(seeds):
+        raise ValueError("etas and seeds must not repeat")

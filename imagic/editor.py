@@ -1,0 +1,399 @@
+"""Imagic (Kawar et al., CVPR 2023) on any diffusers Stable Diffusion pipeline.
+
+    image ──vae──► latents x0 ─┐
+    target text ──clip──► e_tgt ──(1) optimise, model frozen──► e_opt
+                               └─(2) fine-tune the UNet (full or LoRA), e_opt fixed
+    (3) render ē = η·e_tgt + (1−η)·e_opt for every (η, seed), classifier-free guided, DDIM
+
+One `Editor` holds one loaded pipeline and edits many images in turn: each edit restores the base
+weights exactly when it ends, without reloading them from disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from imagic.config import EditConfig, check_grid
+from imagic.images import fit_image
+from imagic.result import EditResult
+
+# (stage, step, total_steps, loss): how the engine reports progress without knowing who listens.
+ProgressCallback = Callable[[str, int, int, float], None]
+LORA_ADAPTER = "imagic"
+
+
+class Editor:
+    """Runs Imagic's three stages on `pipeline` (its weights fp32; see `imagic.models.load_pipeline`)."""
+
+    def __init__(self, pipeline: StableDiffusionPipeline):
+        self.pipeline = pipeline
+        self.unet, self.vae = pipeline.unet, pipeline.vae
+        self.text_encoder, self.tokenizer = pipeline.text_encoder, pipeline.tokenizer
+        self.device = pipeline.device
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.requires_grad_(False)
+        # Training uses the checkpoint's own noise schedule; rendering uses DDIM on the same betas.
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = self.unet.config.sample_size * self.vae_scale_factor
+        self._base_unet_state: dict[str, torch.Tensor] | None = None  # snapshot for full fine-tunes
+        self._unet_modified = False
+
+    # ------------------------------------------------------------------ the whole edit
+
+    def edit(
+        self,
+        image: Image.Image,
+        target_text: str,
+        config: EditConfig,
+        etas: tuple[float, ...] | list[float],
+        seeds: tuple[int, ...] | list[int] = (0,),
+        callback: ProgressCallback | None = None,
+    ) -> EditResult:
+        """Edit `image` towards `target_text`; one image per (η, seed). Base weights are restored after."""
+        # 1. Check inputs
+        self.check_inputs(config, etas, seeds)
+        stats = _StageStats(self.device)
+        generator = torch.Generator().manual_seed(config.seed)  # every training draw comes from here
+        image = fit_image(image.convert("RGB"), self.resolution)
+
+        try:
+            # 2. Encode the image once, and the target text
+            with stats.stage("encode"):
+                latents = self.encode_image(image, config)
+                e_tgt = self.encode_text(target_text)
+            # 3. Stage A: optimise the text embedding, model frozen
+            with stats.stage("embedding"):
+                e_opt, embedding_losses = self.optimize_embedding(latents, e_tgt, config, generator, callback)
+            # 4. Stage B: fine-tune the model with e_opt fixed
+            with stats.stage("finetune"):
+                delta, finetune_losses = self.finetune(latents, e_opt, config, generator, callback)
+            # 5. Stage C: interpolate and render
+            with stats.stage("render"):
+                images = self.render(e_tgt, e_opt, etas, seeds, config)
+        finally:
+            self.restore()
+
+        return EditResult(
+            target_text=target_text,
+            config=config,
+            input_image=image,
+            images=images,
+            e_tgt=e_tgt.cpu(),
+            e_opt=e_opt.cpu(),
+            delta=delta if (config.finetune_method == "lora" or config.save_full_delta) else None,
+            losses={"embedding": embedding_losses, "finetune": finetune_losses},
+            seconds=stats.seconds,
+            peak_memory_bytes=stats.peak_memory_bytes,
+        )
+
+    def render_result(
+        self, result: EditResult, etas: tuple[float, ...] | list[float], seeds: tuple[int, ...] | list[int]
+    ) -> dict[tuple[float, int], Image.Image]:
+        """New (η, seed) images from a saved edit, without retraining: apply its delta, render, restore."""
+        self.check_inputs(result.config, etas, seeds)
+        if result.delta is None:
+            raise ValueError(
+                "this edit kept no weight delta (a full fine-tune with save_full_delta=False); "
+                "re-run it with save_full_delta=True to render it again"
+            )
+        try:
+            self.apply_delta(result.delta, result.config)
+            return self.render(result.e_tgt.to(self.device), result.e_opt.to(self.device), etas, seeds, result.config)
+        finally:
+            self.restore()
+
+    def check_inputs(self, config: EditConfig, etas, seeds) -> None:
+        check_grid(list(etas), list(seeds))
+        if self.device.type != "cuda":
+            cuda_only = []
+            if config.mixed_precision != "no":
+                cuda_only.append(f"mixed_precision={config.mixed_precision!r}")
+            if config.use_8bit_adam:
+                cuda_only.append("use_8bit_adam=True")
+            if cuda_only:
+                raise ValueError(f"{', '.join(cuda_only)} need a CUDA device; this pipeline is on {self.device}")
+
+    # ------------------------------------------------------------------ encoders
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, config: EditConfig) -> torch.Tensor:
+        """RGB image at `self.resolution` → scaled VAE latents, shape (1, C, H/f, W/f)."""
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
+        pixels = pixels.permute(2, 0, 1).unsqueeze(0).to(self.device)  # (1, 3, H, W)
+        with self._autocast(config):
+            latents = self.vae.encode(pixels).latent_dist.mode()
+        return latents.float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> torch.Tensor:
+        """Text → CLIP hidden states, shape (1, L, D). Too-long text is an error, never silently cut."""
+        max_length = self.tokenizer.model_max_length
+        ids = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=False, return_tensors="pt")
+        if ids.input_ids.shape[1] > max_length:
+            raise ValueError(f"text is {ids.input_ids.shape[1]} tokens; this model takes at most {max_length}: {text!r}")
+        return self.text_encoder(ids.input_ids.to(self.device))[0].float()
+
+    # ------------------------------------------------------------------ stages A and B
+
+    def optimize_embedding(
+        self,
+        latents: torch.Tensor,
+        e_tgt: torch.Tensor,
+        config: EditConfig,
+        generator: torch.Generator,
+        callback: ProgressCallback | None = None,
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Stage A: Adam on a copy of e_tgt, denoising `latents`; the UNet is frozen (no grads created)."""
+        self.unet.requires_grad_(False)
+        e_opt = e_tgt.detach().clone().float().requires_grad_(True)
+        losses = self._train(
+            "embedding", [e_opt], config.embedding_lr, config.embedding_steps,
+            lambda: self.denoising_loss(latents, e_opt, config, generator), config, callback,
+        )
+        return e_opt.detach(), losses
+
+    def finetune(
+        self,
+        latents: torch.Tensor,
+        e_opt: torch.Tensor,
+        config: EditConfig,
+        generator: torch.Generator,
+        callback: ProgressCallback | None = None,
+    ) -> tuple[dict[str, torch.Tensor], list[float]]:
+        """Stage B: fit the UNet (all weights, or LoRA on attention projections) to the image at e_opt.
+
+        Leaves the fine-tuned weights in place for rendering and returns (weight delta, losses):
+        LoRA weights, or trained − base for a full fine-tune. `restore()` undoes it.
+        """
+        e_opt = e_opt.detach()
+        self._unet_modified = True
+        if config.finetune_method == "lora":
+            self._add_lora(config)
+            params = [p for p in self.unet.parameters() if p.requires_grad]
+        else:
+            base = self._base_state()
+            self.unet.requires_grad_(True)
+            params = list(self.unet.parameters())
+        losses = self._train(
+            "finetune", params, config.finetune_lr, config.finetune_steps,
+            lambda: self.denoising_loss(latents, e_opt, config, generator), config, callback,
+        )
+        self.unet.requires_grad_(False)
+
+        if config.finetune_method == "lora":
+            delta = {name: p.detach().cpu().clone() for name, p in self.unet.named_parameters() if "lora_" in name}
+        else:
+            delta = {name: p.detach().cpu() - base[name] for name, p in self.unet.named_parameters()}
+            # Render from base + delta, exactly what a later render-only run reconstructs.
+            self.apply_delta(delta, config)
+        return delta, losses
+
+    def denoising_loss(
+        self, latents: torch.Tensor, embedding: torch.Tensor, config: EditConfig, generator: torch.Generator
+    ) -> torch.Tensor:
+        """MSE between the UNet's prediction and its target, at t ~ U[0, T) with fresh noise."""
+        batch = config.train_batch_size
+        shape = (batch, *latents.shape[1:])
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        timesteps = timesteps.to(self.device)
+        x0 = latents.expand(shape)
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        target = training_target(self.noise_scheduler, x0, noise, timesteps)
+        with self._autocast(config):
+            prediction = self.unet(noisy, timesteps, encoder_hidden_states=embedding.expand(batch, -1, -1)).sample
+        return F.mse_loss(prediction.float(), target.float())
+
+    def _train(self, stage, params, lr, steps, loss_fn, config: EditConfig, callback) -> list[float]:
+        """Adam on `params` for `steps` steps of `loss_fn`; returns the per-step losses."""
+        if steps == 0:
+            return []
+        optimizer = _adam(params, lr, config.use_8bit_adam)
+        scaler = torch.amp.GradScaler("cuda", enabled=config.mixed_precision == "fp16")
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        losses = []
+        try:
+            for step in range(1, steps + 1):
+                loss = loss_fn()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                if callback is not None:
+                    callback(stage, step, steps, losses[-1])
+        finally:
+            if config.gradient_checkpointing:
+                self.unet.disable_gradient_checkpointing()
+        return losses
+
+    # ------------------------------------------------------------------ stage C
+
+    @torch.no_grad()
+    def render(
+        self,
+        e_tgt: torch.Tensor,
+        e_opt: torch.Tensor,
+        etas: tuple[float, ...] | list[float],
+        seeds: tuple[int, ...] | list[int],
+        config: EditConfig,
+    ) -> dict[tuple[float, int], Image.Image]:
+        """Stage C: one image per (η, seed) of ē = η·e_tgt + (1−η)·e_opt, in batched guided DDIM calls.
+
+        A seed's start noise is drawn on the CPU from that seed alone, so it is the same for every η and
+        on every device.
+        """
+        uncond = self.encode_text("")  # (1, L, D)
+        scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
+        shape = (1, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        start_noise = {seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds}
+        grid = [(float(eta), int(seed)) for seed in seeds for eta in etas]
+
+        images = {}
+        for start in range(0, len(grid), config.render_batch_size):
+            chunk = grid[start : start + config.render_batch_size]
+            n = len(chunk)
+            cond = torch.cat([eta * e_tgt + (1.0 - eta) * e_opt for eta, _ in chunk])  # (n, L, D)
+            embeddings = torch.cat([uncond.expand(n, -1, -1), cond])  # (2n, L, D)
+            latents = torch.cat([start_noise[seed] for _, seed in chunk]).to(self.device)  # (n, C, h, w)
+            scheduler.set_timesteps(config.num_inference_steps, device=self.device)
+            latents = latents * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                with self._autocast(config):
+                    prediction = self.unet(model_input, t, encoder_hidden_states=embeddings).sample
+                uncond_pred, cond_pred = prediction.float().chunk(2)
+                guided = uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
+                latents = scheduler.step(guided, t, latents).prev_sample
+            images.update(zip(chunk, self.decode_latents(latents, config)))
+        return images
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, config: EditConfig) -> list[Image.Image]:
+        with self._autocast(config):
+            pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (n, 3, H, W)
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+    # ------------------------------------------------------------------ weights
+
+    def apply_delta(self, delta: dict[str, torch.Tensor], config: EditConfig) -> None:
+        """Put an edit's fine-tuned weights in place: LoRA weights, or base + delta for a full fine-tune."""
+        self._unet_modified = True
+        with torch.no_grad():
+            if config.finetune_method == "lora":
+                self._add_lora(config)
+                params = {name: p for name, p in self.unet.named_parameters() if "lora_" in name}
+                if set(params) != set(delta):
+                    raise ValueError(
+                        f"LoRA delta does not fit this model ({len(set(delta) - set(params))} unexpected, "
+                        f"{len(set(params) - set(delta))} missing weights)"
+                    )
+            else:
+                base = self._base_state()
+                params = dict(self.unet.named_parameters())
+                if set(params) != set(delta):
+                    raise ValueError("weight delta does not fit this model's UNet")
+                delta = {name: base[name] + d for name, d in delta.items()}
+            for name, value in delta.items():
+                params[name].copy_(value)
+        self.unet.requires_grad_(False)
+
+    def restore(self) -> None:
+        """Base weights back, bit for bit, and no LoRA layers left."""
+        if not self._unet_modified:
+            return
+        if getattr(self.unet, "peft_config", None):
+            self.unet.unload_lora()
+        if self._base_unet_state is not None:
+            self.unet.load_state_dict(self._base_unet_state)
+        self.unet.requires_grad_(False)
+        self._unet_modified = False
+
+    def _base_state(self) -> dict[str, torch.Tensor]:
+        # Taken once per Editor on first need (a CPU copy the UNet's size), before any edit touches it.
+        if self._base_unet_state is None:
+            self._base_unet_state = {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+        return self._base_unet_state
+
+    def _add_lora(self, config: EditConfig) -> None:
+        from peft import LoraConfig
+
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha or config.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=list(config.lora_target_modules),
+        )
+        # peft draws LoRA's initial A from the global RNG: seed it, without disturbing the caller's state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.unet.add_adapter(lora, adapter_name=LORA_ADAPTER)
+        for p in self.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trained weights stay fp32 under autocast
+
+    def _autocast(self, config: EditConfig):
+        if config.mixed_precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def training_target(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to predict: ε, v = √ᾱ·ε − √(1−ᾱ)·x0, or x0, per the checkpoint's config."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+
+def _adam(params: list[torch.Tensor], lr: float, use_8bit: bool) -> torch.optim.Optimizer:
+    if not use_8bit:
+        return torch.optim.Adam(params, lr=lr)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ValueError("use_8bit_adam needs bitsandbytes: pip install 'imagic-batch[cuda]'") from err
+    return bnb.optim.Adam8bit(params, lr=lr)
+
+
+class _StageStats:
+    """Wall seconds and peak memory per stage (CUDA: allocator peak; CPU: process peak RSS so far)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peak_memory_bytes: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_memory_bytes[name] = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak_memory_bytes[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.seconds[name] = time.perf_counter() - start

@@ -1,0 +1,84 @@
+"""Decode any input image to RGB at the model's resolution, or fail naming the input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Bigger than any photo a user means to edit; smaller than PIL's own bomb limit (~179 MP).
+MAX_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """An input that cannot be turned into an image to edit."""
+
+
+def load_image(source: str | Path | bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `source` (a path or the file's bytes) to an upright RGB image.
+
+    EXIF orientation is applied; transparent images are composited on white; CMYK, palette, grayscale and
+    16/32-bit images are converted. Raises `ImageError` naming `name` (default: the path) on anything else.
+    """
+    if name is None:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as err:
+        raise ImageError(f"{name}: cannot read file ({err.strerror or err})") from err
+    if not data:
+        raise ImageError(f"{name}: file is empty")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{name}: image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+                    " (possible decompression bomb)"
+                )
+            image.load()
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageError(f"{name}: image is too large to decode safely ({err})") from err
+        except UnidentifiedImageError as err:
+            raise ImageError(f"{name}: not an image file PIL can read") from err
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageError(f"{name}: image data is corrupt or truncated ({err})") from err
+
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited on a white background."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # High bit depth: scale the actual range to 8 bits instead of clipping at 255.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((array - low) * scale).round().astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_image(image: Image.Image, resolution: int, mode: Literal["crop", "pad"] = "crop") -> Image.Image:
+    """Resize to `resolution`² by a centre crop (fills the frame) or padding (keeps everything)."""
+    size = (resolution, resolution)
+    if mode == "crop":
+        return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+    if mode == "pad":
+        return ImageOps.pad(image, size, method=Image.Resampling.LANCZOS, color=(255, 255, 255))
+    raise ValueError(f"fit mode must be 'crop' or 'pad', got {mode!r}")

@@ -1,0 +1,117 @@
+"""What an edit produces, and how it is saved (PNG + safetensors + JSON) and loaded back."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from imagic.config import EditConfig
+
+ARTIFACTS = "artifacts"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+DELTA_FILE = "delta.safetensors"
+EDIT_FILE = "edit.json"
+INPUT_FILE = "input.png"
+
+
+def image_name(eta: float, seed: int) -> str:
+    """`eta-0.70_seed-0.png`; more decimals only when η needs them, so names never collide."""
+    text = f"{eta:.2f}" if round(eta, 2) == eta else repr(float(eta))
+    return f"eta-{text}_seed-{seed}.png"
+
+
+@dataclass
+class EditResult:
+    target_text: str
+    config: EditConfig
+    input_image: Image.Image  # the input as the model saw it (resized and cropped)
+    images: dict[tuple[float, int], Image.Image]  # (η, seed) → image
+    e_tgt: torch.Tensor  # (1, L, D)
+    e_opt: torch.Tensor  # (1, L, D)
+    delta: dict[str, torch.Tensor] | None  # LoRA weights, or trained − base (full); None if not kept
+    losses: dict[str, list[float]] = field(default_factory=dict)  # stage → per-step loss
+    seconds: dict[str, float] = field(default_factory=dict)  # stage → wall seconds
+    peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def etas(self) -> list[float]:
+        return sorted({eta for eta, _ in self.images})
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({seed for _, seed in self.images})
+
+    def summary(self) -> dict:
+        """JSON-ready description of the edit (no tensors, no pixels)."""
+        return {
+            "target_text": self.target_text,
+            "config": self.config.model_dump(mode="json"),
+            "etas": self.etas,
+            "seeds": self.seeds,
+            "images": {image_name(eta, seed): {"eta": eta, "seed": seed} for eta, seed in self.images},
+            "losses": self.losses,
+            "seconds": self.seconds,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "has_delta": self.delta is not None,
+        }
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write images, `artifacts/` (embeddings, delta) and `artifacts/edit.json`; return the paths."""
+        directory = Path(directory)
+        (directory / ARTIFACTS).mkdir(parents=True, exist_ok=True)
+        written = []
+
+        def put_image(image: Image.Image, name: str) -> None:
+            image.save(directory / name)
+            written.append(directory / name)
+
+        put_image(self.input_image, INPUT_FILE)
+        for (eta, seed), image in sorted(self.images.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            put_image(image, image_name(eta, seed))
+        artifacts = directory / ARTIFACTS
+        save_file({"e_tgt": self.e_tgt.contiguous(), "e_opt": self.e_opt.contiguous()}, artifacts / EMBEDDINGS_FILE)
+        written.append(artifacts / EMBEDDINGS_FILE)
+        if self.delta is not None:
+            metadata = {"finetune_method": self.config.finetune_method}
+            save_file({k: v.contiguous() for k, v in self.delta.items()}, artifacts / DELTA_FILE, metadata=metadata)
+            written.append(artifacts / DELTA_FILE)
+        (artifacts / EDIT_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
+        written.append(artifacts / EDIT_FILE)
+        return written
+
+    @classmethod
+    def load(cls, directory: str | Path) -> EditResult:
+        """Read back what `save` wrote (images that are missing are simply not loaded)."""
+        directory = Path(directory)
+        artifacts = directory / ARTIFACTS
+        if not (artifacts / EDIT_FILE).is_file():
+            raise FileNotFoundError(f"{directory}: no {ARTIFACTS}/{EDIT_FILE}; not a saved edit")
+        summary = json.loads((artifacts / EDIT_FILE).read_text())
+        embeddings = load_file(artifacts / EMBEDDINGS_FILE)
+        delta = load_file(artifacts / DELTA_FILE) if summary["has_delta"] else None
+        images = {}
+        for name, key in summary["images"].items():
+            if (directory / name).is_file():
+                images[(key["eta"], key["seed"])] = _open(directory / name)
+        return cls(
+            target_text=summary["target_text"],
+            config=EditConfig(**summary["config"]),
+            input_image=_open(directory / INPUT_FILE),
+            images=images,
+            e_tgt=embeddings["e_tgt"],
+            e_opt=embeddings["e_opt"],
+            delta=delta,
+            losses=summary["losses"],
+            seconds=summary["seconds"],
+            peak_memory_bytes=summary["peak_memory_bytes"],
+        )
+
+
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")

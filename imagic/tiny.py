@@ -1,0 +1,96 @@
+"""A tiny, randomly initialised Stable Diffusion pipeline built in code.
+
+Same classes and directory layout as a real SD checkpoint, so it exercises the real load and edit path
+offline in seconds. Its images are noise-like: it tests plumbing, not quality.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+NAME = "tiny"
+VERSION = 2  # bump when the architecture below changes, so caches rebuild
+MAX_TOKENS = 32
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def make_clip_tokenizer(words: tuple[str, ...] = (), model_max_length: int = MAX_TOKENS) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over the byte alphabet, with merges that make each of `words` one token.
+
+    Any text tokenizes (character by character); listed words cost one token each.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = [BOS, EOS, *alphabet, *(c + "</w>" for c in alphabet)]
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            left, right = pieces[0], pieces[1]
+            merged = left + right
+            if (left, right) not in merges:
+                merges.append((left, right))
+            if merged not in vocab:
+                vocab.append(merged)
+            pieces = [merged, *pieces[2:]]
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)},
+        merges=merges,
+        model_max_length=model_max_length,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """A ~1 M-parameter SD pipeline: 32×32 images, 4×16×16 latents, a 2-layer text encoder."""
+    torch.manual_seed(seed)
+    tokenizer = make_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def ensure_tiny_model(directory: Path) -> Path:
+    """Build and save the tiny pipeline under `directory` once; later calls reuse it."""
+    directory = directory.with_name(f"{directory.name}-v{VERSION}")
+    if (directory / "model_index.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a crash never leaves a half-written model that looks done.
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        staging.rename(directory)
+    except OSError:
+        if not (directory / "model_index.json").is_file():  # not a lost race with another process
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
