@@ -264,7 +264,7 @@ class Editor:
         for start in range(0, len(grid), config.render_batch_size):
             chunk = grid[start : start + config.render_batch_size]
             n = len(chunk)
-            cond = torch.cat([eta * e_tgt + (1.0 - eta) * e_opt for eta, _ in chunk])  # (n, L, D)
+            cond = torch.cat([interpolate(e_tgt, e_opt, eta) for eta, _ in chunk])  # (n, L, D)
             embeddings = torch.cat([uncond.expand(n, -1, -1), cond])  # (2n, L, D)
             latents = torch.cat([start_noise[seed] for _, seed in chunk]).to(self.device)  # (n, C, h, w)
             scheduler.set_timesteps(config.num_inference_steps, device=self.device)
@@ -349,6 +349,11 @@ class Editor:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+
+def interpolate(e_tgt: torch.Tensor, e_opt: torch.Tensor, eta: float) -> torch.Tensor:
+    """ē = η·e_tgt + (1−η)·e_opt: η=0 is exactly e_opt (the input image), η=1 exactly e_tgt."""
+    return eta * e_tgt + (1.0 - eta) * e_opt
 
 
 def training_target(

@@ -77,8 +77,9 @@ def load_pipeline(model: str, device: str | torch.device = "cpu") -> StableDiffu
             feature_extractor=None,
             requires_safety_checker=False,
             use_safetensors=True,
+            dtype=torch.float32,
         )
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelError(f"cannot load model {model!r}: {err}") from err
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device, torch.float32)
+    return pipeline.to(device)

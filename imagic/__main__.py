@@ -1,0 +1,3 @@
+from imagic.cli import app
+
+app(prog_name="imagic")

@@ -1,0 +1,205 @@
+"""`imagic` command line: a thin shell over the library; each command calls one thing and maps errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from imagic.config import DEFAULT_ETAS, DEFAULT_SEEDS, PRESETS, make_config
+
+app = typer.Typer(help="Text-based editing of real images with diffusion models (Imagic).", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+
+DEFAULT_MODEL = "tiny"
+RECORD_FILE = "record.json"
+SHEET_FILE = "contact_sheet.png"
+
+EtaOption = Annotated[list[str] | None, typer.Option(
+    "--eta", help=f"η values, comma-separated and/or repeated [default: {','.join(map(str, DEFAULT_ETAS))}]")]
+SeedOption = Annotated[list[str] | None, typer.Option(
+    "--seed", help="Render seeds, comma-separated and/or repeated [default: 0]")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (CUDA when there is one).")]
+
+
+@app.command()
+def edit(
+    image: Annotated[Path, typer.Argument(help="Input image file.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target text: what the image should show.")],
+    eta: EtaOption = None,
+    seed: SeedOption = None,
+    preset: Annotated[str, typer.Option(help=f"One of: {', '.join(PRESETS)}.")] = "fast",
+    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, or built-in 'tiny'.")] = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/edit"),
+    device: DeviceOption = "auto",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set finetune_steps=100.")] = None,
+) -> None:
+    """Edit one image towards a text.
+
+    Example: imagic edit photo.png --target "a dog sitting" --eta 0.6,0.7,0.8 --seed 0 --out out/dog
+    """
+    from imagic import Editor, load_image
+    from imagic.record import edit_record
+    from imagic.sheet import contact_sheet
+
+    with _errors():
+        etas = _floats(eta) if eta else list(DEFAULT_ETAS)
+        seeds = _ints(seed) if seed else list(DEFAULT_SEEDS)
+        config = make_config(preset, **_overrides(set_ or []))
+        input_bytes = _read(image)
+        picture = load_image(input_bytes, name=str(image))
+        editor = Editor(_load(model, device))
+        editor.check_inputs(config, etas, seeds)
+        with _progress() as progress:
+            result = editor.edit(picture, target, config, etas, seeds, callback=progress)
+        out.mkdir(parents=True, exist_ok=True)
+        result.save(out)
+        contact_sheet(result.input_image, result.images, title=target).save(out / SHEET_FILE)
+        record = edit_record(
+            result, input_uri=str(image), input_bytes=input_bytes, model=model, preset=preset,
+            device=str(editor.device), outputs={"contact_sheet": SHEET_FILE, "artifacts": "artifacts/"},
+        )
+        _write_json_last(out / RECORD_FILE, record)
+    console.print(f"[green]done[/] in {record['seconds']['total']:.1f}s: {len(result.images)} images, "
+                  f"contact sheet and record in {out}/")
+
+
+@app.command()
+def render(
+    edit_dir: Annotated[Path, typer.Argument(help="Directory of a finished `imagic edit`.")],
+    eta: EtaOption = None,
+    seed: SeedOption = None,
+    model: Annotated[str | None, typer.Option(help="Base model [default: the one in the edit's record].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory [default: EDIT_DIR].")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Render new η/seed images from a saved edit, without retraining."""
+    from imagic import EditResult, Editor
+    from imagic.result import image_name
+    from imagic.sheet import contact_sheet
+
+    with _errors():
+        result = EditResult.load(edit_dir)
+        etas = _floats(eta) if eta else result.etas
+        seeds = _ints(seed) if seed else result.seeds
+        if model is None:
+            record_file = edit_dir / RECORD_FILE
+            model = json.loads(record_file.read_text())["model"] if record_file.is_file() else DEFAULT_MODEL
+        editor = Editor(_load(model, device))
+        images = editor.render_result(result, etas, seeds)
+        out = out or edit_dir
+        out.mkdir(parents=True, exist_ok=True)
+        for (e, s), picture in images.items():
+            picture.save(out / image_name(e, s))
+        contact_sheet(result.input_image, images, title=result.target_text).save(out / f"render_{SHEET_FILE}")
+    console.print(f"[green]rendered[/] {len(images)} images into {out}/")
+
+
+def _load(model: str, device: str):
+    import torch
+
+    from imagic import load_pipeline
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    with console.status(f"loading {model} on {device}"):
+        return load_pipeline(model, device)
+
+
+def _split(values: list[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _floats(values: list[str]) -> list[float]:
+    try:
+        return [float(v) for v in _split(values)]
+    except ValueError as err:
+        raise typer.BadParameter(f"--eta takes numbers: {err}") from None
+
+
+def _ints(values: list[str]) -> list[int]:
+    try:
+        return [int(v) for v in _split(values)]
+    except ValueError as err:
+        raise typer.BadParameter(f"--seed takes integers: {err}") from None
+
+
+def _overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes KEY=VALUE, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value  # a bare string such as finetune_method=lora
+    return overrides
+
+
+def _read(path: Path) -> bytes:
+    from imagic import ImageError
+
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"{path}: cannot read file ({err.strerror or err})") from err
+
+
+def _write_json_last(path: Path, record: dict) -> None:
+    # Written to a temporary name then renamed: a record on disk always means a finished edit.
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
+
+
+class _progress:
+    """Rich progress bars per stage (step, loss, ETA) that the engine drives through its callback."""
+
+    def __enter__(self):
+        self.bars = Progress(
+            TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console,
+        )
+        self.tasks: dict[str, int] = {}
+        self.bars.__enter__()
+        return self
+
+    def __call__(self, stage: str, step: int, total: int, loss: float) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bars.add_task(stage, total=total, loss=loss)
+        self.bars.update(self.tasks[stage], completed=step, loss=loss)
+
+    def __exit__(self, *exc):
+        return self.bars.__exit__(*exc)
+
+
+class _errors:
+    """Turn the library's input errors into one red line and exit code 2, not a traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        from imagic import ImageError, ModelError
+
+        if isinstance(error, ValidationError):
+            details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
+            console.print(f"[red]error:[/] invalid config: {escape(details)}", soft_wrap=True)
+        elif isinstance(error, (ImageError, ModelError, ValueError, FileNotFoundError)):
+            console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
+        else:
+            return False
+        raise typer.Exit(2)
+
+
+if __name__ == "__main__":
+    app()

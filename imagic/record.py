@@ -1,0 +1,64 @@
+"""The JSON record written next to an edit's outputs: what went in, what came out, how long it took."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+
+from imagic.result import EditResult, image_name
+
+SCHEMA_VERSION = 1
+_PACKAGES = ("imagic-batch", "torch", "diffusers", "transformers", "peft", "safetensors")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide what an edit computes."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def edit_record(
+    result: EditResult,
+    *,
+    input_uri: str,
+    input_bytes: bytes,
+    model: str,
+    preset: str,
+    device: str,
+    outputs: dict[str, str],
+) -> dict:
+    """A schema-versioned, JSON-ready record. `outputs` maps role → location (e.g. contact_sheet)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "succeeded",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {"uri": input_uri, "sha256": sha256(input_bytes), "size_bytes": len(input_bytes)},
+        "target_text": result.target_text,
+        "model": model,
+        "preset": preset,
+        "config": result.config.model_dump(mode="json"),
+        "etas": result.etas,
+        "seeds": result.seeds,
+        "outputs": {
+            **outputs,
+            "images": [
+                {"eta": eta, "seed": seed, "file": image_name(eta, seed)} for eta, seed in sorted(result.images)
+            ],
+        },
+        "losses": result.losses,
+        "seconds": {**result.seconds, "total": sum(result.seconds.values())},
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "device": device,
+        "versions": versions(),
+    }

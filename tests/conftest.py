@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny SD pipelines built in code (seconds, CPU, offline)."""
+
+import os
+import tempfile
+
+import pytest
+
+# Built-in models materialise here, never in the user's cache. Set before imagic reads it.
+os.environ.setdefault("IMAGIC_CACHE", tempfile.mkdtemp(prefix="imagic-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from PIL import Image, ImageDraw  # noqa: E402
+
+from imagic import Editor, make_config  # noqa: E402
+from imagic.tiny import build_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny")
+    build_tiny_pipeline().save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def editor(tiny_dir):
+    from imagic import load_pipeline
+
+    return Editor(load_pipeline(str(tiny_dir)))
+
+
+@pytest.fixture
+def quick_config():
+    """Few steps of everything: for plumbing, not quality."""
+
+    def make(preset="community", **overrides):
+        defaults = dict(embedding_steps=6, finetune_steps=6, num_inference_steps=4)
+        if preset == "community":
+            defaults["save_full_delta"] = True
+        return make_config(preset, **{**defaults, **overrides})
+
+    return make
+
+
+def draw_scene(color=(200, 30, 30), background=(240, 240, 240), size=64):
+    image = Image.new("RGB", (size, size), background)
+    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=color)
+    return image
+
+
+@pytest.fixture
+def scene():
+    return draw_scene()
