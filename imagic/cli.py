@@ -105,8 +105,13 @@ def render(
 
 def _load(model: str, device: str):
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     from imagic import load_pipeline
+
+    diffusers_logging.disable_progress_bar()  # the status spinner says it; tqdm would fight rich
+    transformers_logging.disable_progress_bar()
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -27,9 +27,15 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """A built-in name (`tiny`) becomes its local directory; anything else is passed through."""
+    """A built-in name (`toy`, `tiny`) becomes its local directory; anything else is passed through."""
     from imagic import tiny
 
+    if model == "toy":
+        directory = Path(__file__).parent / "toy" / "model"
+        if not (directory / "model_index.json").is_file():
+            raise ModelError(f"the toy model is not in this installation ({directory}); "
+                             "train it with: python -m imagic.toy.train")
+        return str(directory)
     if model == tiny.NAME:
         return str(tiny.ensure_tiny_model(cache_dir() / "models" / tiny.NAME))
     return model

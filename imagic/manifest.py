@@ -1,0 +1,268 @@
+"""Manifests: which images to edit towards which texts, validated in full before any GPU work.
+
+Formats: JSONL (an optional first line `{"defaults": {...}}`), CSV (header row; list cells as `0.6;0.7`,
+`0.6 0.7` or JSON), YAML (`defaults:` and `entries:`). Every problem is reported at once, with its line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imagic.config import DEFAULT_ETAS, DEFAULT_SEEDS, ETA_MAX, ETA_MIN, EditConfig, make_config
+
+Format = Literal["jsonl", "csv", "yaml"]
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+IMAGE_SCHEMES = ("s3://", "file://", "http://", "https://")
+ETAS_MESSAGE = f"must be a non-empty list of numbers in [{ETA_MIN:g}, {ETA_MAX:g}]"
+
+
+class ManifestError(ValueError):
+    """Every problem in a manifest, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in manifest:\n" + "\n".join(problems))
+
+
+def _check_etas(value: list[float] | None) -> list[float] | None:
+    if value is not None and (not value or any(not ETA_MIN <= eta <= ETA_MAX for eta in value)):
+        raise ValueError(ETAS_MESSAGE)
+    return value
+
+
+def _check_seeds(value: list[int] | None) -> list[int] | None:
+    if value is not None and (not value or any(seed < 0 for seed in value) or len(set(value)) != len(value)):
+        raise ValueError("must be a non-empty list of distinct non-negative integers")
+    return value
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    etas: list[float] | None = None
+    seeds: list[int] | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    _etas = field_validator("etas")(_check_etas)
+    _seeds = field_validator("seeds")(_check_seeds)
+
+
+class Defaults(_Common):
+    """File-level defaults; each entry may override them."""
+
+    model: str | None = None
+
+
+class EntrySpec(_Common):
+    """One manifest entry as written."""
+
+    id: str | None = None
+    image: str
+    target_text: str
+    source_text: str | None = None  # optional description of the input; informational
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str | None) -> str | None:
+        if value is not None and (not ID_PATTERN.match(value) or value in (".", "..")):
+            raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ - starting with a letter or digit "
+                             "(it names the entry's output folder)")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image_uri(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if "://" in value and not value.startswith(IMAGE_SCHEMES):
+            raise ValueError(f"unsupported scheme in {value!r}; use a path, {', '.join(IMAGE_SCHEMES)}")
+        if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+", value):
+            raise ValueError(f"{value!r} is not s3://bucket/key")
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("contains control characters")
+        return value
+
+    @field_validator("target_text")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+
+class Entry(BaseModel):
+    """An entry with defaults applied and its config resolved: everything an edit needs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    line: int
+    image: str
+    target_text: str
+    etas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    preset: str
+    config: EditConfig
+
+
+def entry_id(image: str, target_text: str, config: EditConfig, etas, seeds) -> str:
+    """A stable id for an entry without one: the same work always gets the same id (and output folder)."""
+    key = json.dumps([image, target_text, config.model_dump(mode="json"), list(etas), list(seeds)], sort_keys=True)
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", PurePosixPath(image.split("://")[-1]).stem).strip("-")[:40] or "entry"
+    return f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def detect_format(name: str) -> Format:
+    suffix = name.lower().rsplit(".", 1)[-1]
+    formats = {"jsonl": "jsonl", "ndjson": "jsonl", "csv": "csv", "yaml": "yaml", "yml": "yaml"}
+    if suffix not in formats:
+        raise ManifestError([f"{name}: unknown manifest format; use .jsonl, .csv or .yaml"])
+    return formats[suffix]
+
+
+def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
+                   default_preset: str = "fast") -> tuple[Defaults, list[Entry]]:
+    """Validate a whole manifest. `preset`/`overrides` (e.g. from the command line) beat the file's own."""
+    problems: list[str] = []
+    defaults_data, rows = _READERS[fmt](text, problems)
+    try:
+        defaults = Defaults(**(defaults_data or {}))
+    except ValidationError as err:
+        problems += _messages(err, "defaults")
+        defaults = Defaults()
+
+    entries: list[Entry] = []
+    seen: dict[str, int] = {}
+    for line, data in rows:
+        try:
+            spec = EntrySpec(**data)
+        except ValidationError as err:
+            problems += _messages(err, f"line {line}")
+            continue
+        except TypeError:
+            problems.append(f"line {line}: must be an object with image and target_text")
+            continue
+        chosen_preset = preset or spec.preset or defaults.preset or default_preset
+        merged = {**defaults.overrides, **spec.overrides, **(overrides or {})}
+        try:
+            config = make_config(chosen_preset, **merged)
+        except ValidationError as err:
+            problems += _messages(err, f"line {line}: overrides")
+            continue
+        except ValueError as err:
+            problems.append(f"line {line}: preset: {err}")
+            continue
+        etas = tuple(spec.etas or defaults.etas or DEFAULT_ETAS)
+        seeds = tuple(spec.seeds or defaults.seeds or DEFAULT_SEEDS)
+        if len(set(etas)) != len(etas):
+            problems.append(f"line {line}: etas: must not repeat")
+            continue
+        eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
+        if eid in seen:
+            problems.append(f"line {line}: id: {eid!r} duplicates line {seen[eid]}")
+            continue
+        seen[eid] = line
+        entries.append(Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas,
+                             seeds=seeds, preset=chosen_preset, config=config))
+    if not rows and not problems:
+        problems.append("manifest has no entries")
+    if problems:
+        raise ManifestError(problems)
+    return defaults, entries
+
+
+def _messages(err: ValidationError, where: str) -> list[str]:
+    out = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "entry"
+        message = e["msg"].removeprefix("Value error, ")
+        if field.startswith("etas") and e["type"] != "value_error":
+            message = ETAS_MESSAGE
+        out.append(f"{where}: {field}: {message}")
+    return out
+
+
+def _read_jsonl(text: str, problems: list[str]):
+    defaults, rows = None, []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            problems.append(f"line {number}: invalid JSON ({err.msg})")
+            continue
+        if isinstance(data, dict) and set(data) == {"defaults"} and not rows and defaults is None:
+            defaults = data["defaults"]
+        else:
+            rows.append((number, data))
+    return defaults, rows
+
+
+def _read_csv(text: str, problems: list[str]):
+    rows = []
+    reader = csv.DictReader(io.StringIO(text))
+    for data in reader:
+        number = reader.line_num
+        if None in data:
+            problems.append(f"line {number}: more cells than header columns")
+            continue
+        row: dict[str, Any] = {k.strip(): v.strip() for k, v in data.items() if k and v is not None and v.strip()}
+        for key in ("etas", "seeds"):
+            if key in row:
+                row[key] = _csv_list(row[key])
+        if "overrides" in row:
+            try:
+                row["overrides"] = json.loads(row["overrides"])
+            except json.JSONDecodeError:
+                problems.append(f"line {number}: overrides: must be a JSON object")
+                continue
+        rows.append((number, row))
+    return None, rows
+
+
+def _csv_list(cell: str) -> Any:
+    if cell.startswith("["):
+        try:
+            return json.loads(cell)
+        except json.JSONDecodeError:
+            return cell
+    parts = [p for p in re.split(r"[;\s,]+", cell) if p]
+    try:
+        return [float(p) if any(c in p for c in ".eE") else int(p) for p in parts]
+    except ValueError:
+        return cell  # let validation name the field
+
+
+def _read_yaml(text: str, problems: list[str]):
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problems.append(f"invalid YAML: {err}")
+        return None, []
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        problems.append("YAML manifest must be a mapping with an `entries:` list (and optional `defaults:`)")
+        return None, []
+    entries_node = next(value for key, value in root.value if key.value == "entries")
+    lines = [node.start_mark.line + 1 for node in entries_node.value]
+    return data.get("defaults"), list(zip(lines, data["entries"]))
+
+
+_READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "yaml": _read_yaml}
+
+
+def json_schema() -> dict:
+    """JSON Schema of one entry and of the defaults, for the docs."""
+    return {"entry": EntrySpec.model_json_schema(), "defaults": Defaults.model_json_schema()}

@@ -1,0 +1,112 @@
+import json
+
+import pytest
+
+from imagic.manifest import ManifestError, detect_format, entry_id, json_schema, parse_manifest
+
+
+def jsonl(*rows):
+    return "\n".join(json.dumps(r) for r in rows) + "\n"
+
+
+GOOD = {"id": "a", "image": "s3://bucket/images/a.png", "target_text": "a blue circle", "etas": [0.7, 1.0]}
+
+
+def test_jsonl_with_defaults():
+    text = jsonl({"defaults": {"etas": [0.5], "seeds": [0, 1], "preset": "community"}},
+                 GOOD, {"image": "b.png", "target_text": "x"})
+    defaults, entries = parse_manifest(text, "jsonl")
+    assert [e.line for e in entries] == [2, 3]
+    assert entries[0].etas == (0.7, 1.0) and entries[1].etas == (0.5,)
+    assert entries[1].seeds == (0, 1) and entries[1].config.finetune_method == "full"
+    assert entries[1].id.startswith("b-")
+
+
+def test_every_problem_is_reported_with_its_line():
+    text = jsonl(
+        GOOD,
+        {"id": "b", "image": "b.png", "target_text": "x", "etas": [3]},
+        {"id": "../evil", "image": "c.png", "target_text": "x"},
+        {"id": "a", "image": "d.png", "target_text": "x"},
+        {"image": "ftp://host/x.png", "target_text": ""},
+        {"image": "e.png", "target_text": "x", "overrides": {"finetune_steps": -1}},
+    ) + "{not json\n"
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(text, "jsonl")
+    problems = caught.value.problems
+    assert "line 2: etas: must be a non-empty list of numbers in [0, 2]" in problems
+    assert any(p.startswith("line 3: id: must be") for p in problems)
+    assert "line 4: id: 'a' duplicates line 1" in problems
+    assert any(p.startswith("line 5: image: unsupported scheme") for p in problems)
+    assert any(p.startswith("line 5: target_text") for p in problems)
+    assert any(p.startswith("line 6: overrides: finetune_steps") for p in problems)
+    assert any(p.startswith("line 7: invalid JSON") for p in problems)
+
+
+@pytest.mark.parametrize("bad_id", ["a/b", "..", ".hidden", "tab\tid", "x" * 200, "ünï"])
+def test_unsafe_ids(bad_id):
+    with pytest.raises(ManifestError, match="line 1: id"):
+        parse_manifest(jsonl({**GOOD, "id": bad_id}), "jsonl")
+
+
+def test_csv_lists_and_rows():
+    text = ("id,image,target_text,etas,seeds\n"
+            "a,a.png,a blue circle,0.6;0.8,0 1\n"
+            "b,b.png,a red square,\"[1.0, 1.2]\",\n"
+            "c,c.png,x,lots,\n")
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(text, "csv")
+    assert caught.value.problems == ["line 4: etas: must be a non-empty list of numbers in [0, 2]"]
+    _, entries = parse_manifest(text.rsplit("c,c.png", 1)[0], "csv")
+    assert entries[0].etas == (0.6, 0.8) and entries[0].seeds == (0, 1) and entries[1].etas == (1.0, 1.2)
+
+
+def test_yaml_reports_entry_lines():
+    text = """defaults:
+  etas: [0.7]
+entries:
+  - image: a.png
+    target_text: a blue circle
+  - image: b.png
+    target_text: a red square
+    seeds: [-1]
+"""
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(text, "yaml")
+    assert caught.value.problems[0].startswith("line 6: seeds:")
+    _, entries = parse_manifest(text.replace("seeds: [-1]", "seeds: [3]"), "yaml")
+    assert [e.line for e in entries] == [4, 6] and entries[1].seeds == (3,)
+
+
+def test_command_line_preset_and_overrides_win():
+    text = jsonl({"defaults": {"preset": "paper", "overrides": {"finetune_steps": 9}}}, GOOD)
+    _, [entry] = parse_manifest(text, "jsonl", preset="fast", overrides={"embedding_steps": 3})
+    assert entry.preset == "fast" and entry.config.finetune_steps == 9 and entry.config.embedding_steps == 3
+
+
+def test_generated_ids_are_stable_and_safe():
+    _, [a] = parse_manifest(jsonl({"image": "s3://bucket/dir/My Photo.JPG", "target_text": "x"}), "jsonl")
+    _, [b] = parse_manifest(jsonl({"image": "s3://bucket/dir/My Photo.JPG", "target_text": "x"}), "jsonl")
+    assert a.id == b.id and a.id.startswith("My-Photo-")
+    assert a.id == entry_id(a.image, a.target_text, a.config, a.etas, a.seeds)
+
+
+def test_empty_manifest_and_format_detection():
+    with pytest.raises(ManifestError, match="no entries"):
+        parse_manifest("\n", "jsonl")
+    assert detect_format("m.yml") == "yaml" and detect_format("M.JSONL") == "jsonl"
+    with pytest.raises(ManifestError, match="unknown manifest format"):
+        detect_format("m.txt")
+
+
+def test_shipped_example_manifest_is_valid():
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "examples" / "manifest.jsonl").read_text()
+    _, entries = parse_manifest(text, "jsonl")
+    assert len(entries) >= 5 and all(Path(e.image).is_file() for e in entries)
+
+
+def test_json_schema_names_the_fields():
+    schema = json_schema()
+    assert {"image", "target_text", "etas", "id"} <= set(schema["entry"]["properties"])
