@@ -1,0 +1,205 @@
+"""One small storage interface: local folders and S3-compatible stores (AWS, MinIO); http(s) read-only.
+
+Keys are POSIX paths relative to the store's root (`<entry_id>/record.json`). Writes are atomic: a
+reader sees a whole object or none, so a finished-looking output is never half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+HTTP_TIMEOUT_S = 30
+
+
+class StorageError(OSError):
+    """A read or write that failed, with a reason a person can act on (never credentials)."""
+
+
+class Storage(Protocol):
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write `data`; with `if_absent`, only if nothing is there yet. True if this call wrote it."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    def url_for(self, key: str) -> str: ...
+
+
+def _resolve(key: str) -> str:
+    path = PurePosixPath(key)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ValueError(f"storage key {key!r} must be a relative path without '..'")
+    return path.as_posix()
+
+
+class LocalStorage:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _resolve(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot read ({err.strerror or err})") from err
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if if_absent:
+                try:
+                    os.link(partial, path)  # atomic create-if-absent
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(partial, path)
+            return True
+        finally:
+            Path(partial).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                      if p.is_file() and not p.name.endswith(".partial"))
+
+    def url_for(self, key: str) -> str:
+        return str(self._path(key))
+
+
+class S3Storage:
+    """boto3 with botocore `standard` retries; path-style addressing when an endpoint is set (MinIO).
+
+    Credentials and endpoint come from the usual AWS sources (env, profile, role); `AWS_ENDPOINT_URL`
+    points it at MinIO or another S3-compatible store.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client=None):
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+                # MinIO and older S3-compatible stores reject the newer default CRC checksums.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+        return self._client
+
+    def _key(self, key: str) -> str:
+        key = _resolve(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, action: str, key: str, err: Exception) -> StorageError:
+        code = getattr(err, "response", {}).get("Error", {}).get("Code", type(err).__name__)
+        return StorageError(f"{self.url_for(key)}: cannot {action} ({code})")
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except Exception as err:  # botocore's ClientError, connection errors, …
+            raise self._error("read", key, err) from err
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+            return True
+        except Exception as err:
+            code = getattr(err, "response", {}).get("Error", {}).get("Code")
+            if if_absent and code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise self._error("write", key, err) from err
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as err:
+            if getattr(err, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error("check", key, err) from err
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        keys = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
+        except Exception as err:
+            raise self._error("list", prefix or ".", err) from err
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[strip:] for k in keys)
+
+    def url_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def open_storage(uri: str) -> Storage:
+    """`s3://bucket/prefix` → S3Storage; `file://…` or a path → LocalStorage."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        return S3Storage(bucket, prefix)
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported storage URI {uri!r}; use a path, file:// or s3://")
+    return LocalStorage(uri.removeprefix("file://"))
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of an input: a path, file://, s3://bucket/key or http(s)://."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri, timeout=HTTP_TIMEOUT_S) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            raise StorageError(f"{_redact(uri)}: HTTP {err.code} {err.reason}") from err
+        except (urllib.error.URLError, TimeoutError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise StorageError(f"{_redact(uri)}: unreachable ({reason})") from err
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[5:].partition("/")
+        return S3Storage(bucket).read_bytes(key)
+    path = Path(uri.removeprefix("file://"))
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise StorageError(f"{path}: cannot read ({err.strerror or err})") from err
+
+
+def _redact(uri: str) -> str:
+    """Drop user:password@ and query strings (presigned URL signatures) from a URL before it is shown."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -1,0 +1,114 @@
+"""Local folders, and S3 over real HTTP against moto's server (path-style, like MinIO)."""
+
+import http.server
+import threading
+
+import pytest
+
+from imagic.storage import LocalStorage, S3Storage, StorageError, open_storage, read_uri
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio-user")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-key-123")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+
+    bucket = f"bucket-{threading.get_ident() % 100000}-{id(monkeypatch) % 100000}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "out")
+    bucket = request.getfixturevalue("s3_env")
+    return open_storage(f"s3://{bucket}/runs/batch-1")
+
+
+def test_write_read_list_exists(store):
+    assert not store.exists("e1/record.json")
+    assert store.write_bytes("e1/record.json", b"{}")
+    store.write_bytes("e1/eta-0.70_seed-0.png", b"png")
+    store.write_bytes("e2/record.json", b"[]")
+    assert store.exists("e1/record.json") and store.read_bytes("e2/record.json") == b"[]"
+    assert store.list() == ["e1/eta-0.70_seed-0.png", "e1/record.json", "e2/record.json"]
+    assert store.list("e1/") == ["e1/eta-0.70_seed-0.png", "e1/record.json"]
+
+
+def test_if_absent_never_overwrites(store):
+    assert store.write_bytes("e1/record.json", b"first", if_absent=True)
+    assert not store.write_bytes("e1/record.json", b"second", if_absent=True)
+    assert store.read_bytes("e1/record.json") == b"first"
+    assert store.write_bytes("e1/record.json", b"third")  # a plain write replaces
+    assert store.read_bytes("e1/record.json") == b"third"
+
+
+def test_missing_object_is_a_storage_error_without_secrets(store):
+    with pytest.raises(StorageError) as caught:
+        store.read_bytes("nope/record.json")
+    message = str(caught.value)
+    assert "nope/record.json" in message and "very-secret-key-123" not in message and "minio-user" not in message
+
+
+def test_keys_cannot_escape_the_root(store):
+    for key in ("../x", "/etc/passwd", "a/../../b"):
+        with pytest.raises(ValueError, match="relative path"):
+            store.write_bytes(key, b"x")
+
+
+def test_s3_uses_path_style_and_the_endpoint(s3_env, s3_endpoint):
+    store = open_storage(f"s3://{s3_env}/p")
+    assert isinstance(store, S3Storage) and store.endpoint_url == s3_endpoint
+    assert store.client.meta.config.s3["addressing_style"] == "path"
+    assert store.client.meta.config.retries["mode"] == "standard"
+    assert store.url_for("e/record.json") == f"s3://{s3_env}/p/e/record.json"
+
+
+def test_read_uri_from_s3_path_and_http(s3_env, tmp_path):
+    open_storage(f"s3://{s3_env}").write_bytes("img/a.png", b"abc")
+    assert read_uri(f"s3://{s3_env}/img/a.png") == b"abc"
+    (tmp_path / "b.png").write_bytes(b"def")
+    assert read_uri(str(tmp_path / "b.png")) == b"def" and read_uri(f"file://{tmp_path}/b.png") == b"def"
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert read_uri(f"{base}/b.png") == b"def"
+        with pytest.raises(StorageError, match=r"/missing.png: HTTP 404") as caught:
+            read_uri(f"{base}/missing.png?X-Amz-Signature=abc")
+        assert "Signature" not in str(caught.value)
+        with pytest.raises(StorageError) as caught:
+            read_uri(f"http://user:hunter2@127.0.0.1:{server.server_port}/b.png")
+        assert "hunter2" not in str(caught.value)
+    finally:
+        server.shutdown()
+    with pytest.raises(StorageError, match="unreachable"):
+        read_uri("http://127.0.0.1:9/x.png")
+
+
+def test_unsupported_uri():
+    with pytest.raises(ValueError, match="unsupported storage URI"):
+        open_storage("gs://bucket/x")
