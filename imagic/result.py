@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from imagic.config import EditConfig
 
@@ -60,28 +62,27 @@ class EditResult:
             "has_delta": self.delta is not None,
         }
 
+    def to_files(self) -> dict[str, bytes]:
+        """Everything `save` writes, as {relative path: bytes}: images, artifacts/ (embeddings, delta, JSON)."""
+        files = {INPUT_FILE: _png(self.input_image)}
+        for (eta, seed), image in sorted(self.images.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            files[image_name(eta, seed)] = _png(image)
+        tensors = {"e_tgt": self.e_tgt.contiguous(), "e_opt": self.e_opt.contiguous()}
+        files[f"{ARTIFACTS}/{EMBEDDINGS_FILE}"] = save_tensors(tensors)
+        if self.delta is not None:
+            delta = {k: v.contiguous() for k, v in self.delta.items()}
+            files[f"{ARTIFACTS}/{DELTA_FILE}"] = save_tensors(delta, metadata={"finetune_method": self.config.finetune_method})
+        files[f"{ARTIFACTS}/{EDIT_FILE}"] = (json.dumps(self.summary(), indent=2) + "\n").encode()
+        return files
+
     def save(self, directory: str | Path) -> list[Path]:
         """Write images, `artifacts/` (embeddings, delta) and `artifacts/edit.json`; return the paths."""
         directory = Path(directory)
         (directory / ARTIFACTS).mkdir(parents=True, exist_ok=True)
         written = []
-
-        def put_image(image: Image.Image, name: str) -> None:
-            image.save(directory / name)
+        for name, data in self.to_files().items():
+            (directory / name).write_bytes(data)
             written.append(directory / name)
-
-        put_image(self.input_image, INPUT_FILE)
-        for (eta, seed), image in sorted(self.images.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            put_image(image, image_name(eta, seed))
-        artifacts = directory / ARTIFACTS
-        save_file({"e_tgt": self.e_tgt.contiguous(), "e_opt": self.e_opt.contiguous()}, artifacts / EMBEDDINGS_FILE)
-        written.append(artifacts / EMBEDDINGS_FILE)
-        if self.delta is not None:
-            metadata = {"finetune_method": self.config.finetune_method}
-            save_file({k: v.contiguous() for k, v in self.delta.items()}, artifacts / DELTA_FILE, metadata=metadata)
-            written.append(artifacts / DELTA_FILE)
-        (artifacts / EDIT_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
-        written.append(artifacts / EDIT_FILE)
         return written
 
     @classmethod
@@ -110,6 +111,12 @@ class EditResult:
             seconds=summary["seconds"],
             peak_memory_bytes=summary["peak_memory_bytes"],
         )
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _open(path: Path) -> Image.Image:

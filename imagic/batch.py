@@ -1,0 +1,163 @@
+"""Manifest entries through the engine into a store — plain functions the Prefect flows wire together.
+
+Per entry: read the input, edit, write images, contact sheet and artifacts, then `record.json` LAST
+(create-if-absent): its presence means the entry is finished. A bad entry gets `error.json` with a
+machine-readable reason instead of an exception, so it never sinks the batch; a re-run retries it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from html import escape
+
+from imagic.editor import Editor, ProgressCallback
+from imagic.images import ImageError, load_image
+from imagic.manifest import Entry
+from imagic.record import edit_record
+from imagic.result import image_name
+from imagic.sheet import contact_sheet
+from imagic.storage import Storage, StorageError, read_uri
+
+RECORD_FILE, ERROR_FILE, SHEET_FILE = "record.json", "error.json", "contact_sheet.png"
+
+
+def finished_ids(store: Storage) -> set[str]:
+    """Entries whose record exists (one listing, not a request per entry)."""
+    return {key.split("/", 1)[0] for key in store.list() if key.count("/") == 1 and key.endswith("/" + RECORD_FILE)}
+
+
+def plan(entries: list[Entry], store: Storage) -> tuple[list[Entry], list[Entry]]:
+    """(to do, already done)."""
+    done = finished_ids(store)
+    return [e for e in entries if e.id not in done], [e for e in entries if e.id in done]
+
+
+def chunk(entries: list[Entry], size: int) -> list[list[Entry]]:
+    return [entries[i : i + size] for i in range(0, len(entries), size)]
+
+
+def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str,
+              callback: ProgressCallback | None = None) -> dict:
+    """Edit one entry into `store`; returns its record (status succeeded, failed, or already_done)."""
+    started = time.perf_counter()
+    try:
+        input_bytes = read_uri(entry.image)
+        image = load_image(input_bytes, name=entry.image)
+        result = editor.edit(image, entry.target_text, entry.config, entry.etas, entry.seeds, callback)
+    except StorageError as err:
+        return _fail(store, entry, "input_unreadable", str(err), started)
+    except ImageError as err:
+        return _fail(store, entry, "input_not_an_image", str(err), started)
+    except ValueError as err:  # e.g. target text longer than the model takes, a CUDA-only option on CPU
+        return _fail(store, entry, "invalid_request", str(err), started)
+
+    files = result.to_files()
+    files[SHEET_FILE] = _png(contact_sheet(result.input_image, result.images, title=entry.target_text))
+    for name, data in files.items():  # outputs first …
+        store.write_bytes(f"{entry.id}/{name}", data)
+    record = edit_record(
+        result, input_uri=entry.image, input_bytes=input_bytes, model=model, preset=entry.preset,
+        device=str(editor.device), outputs={"contact_sheet": store.url_for(f"{entry.id}/{SHEET_FILE}"),
+                                            "artifacts": store.url_for(f"{entry.id}/artifacts/")},
+    )
+    record.update(entry_id=entry.id, manifest_line=entry.line, wall_seconds=time.perf_counter() - started)
+    for item in record["outputs"]["images"]:
+        item["uri"] = store.url_for(f"{entry.id}/{item['file']}")
+    if model == "toy":
+        record["toy_metrics"] = toy_metrics(entry.target_text, result.images)
+    # … the record last, and only once: a concurrent or repeated run never overwrites a finished entry.
+    if not store.write_bytes(f"{entry.id}/{RECORD_FILE}", _json(record), if_absent=True):
+        record["status"] = "already_done"
+    return record
+
+
+def toy_metrics(target_text: str, images: dict) -> list[dict]:
+    """Per (η, seed): what the toy oracle reads, and whether it is what the target text asks for."""
+    from imagic.toy import measure, parse_caption
+
+    try:
+        wanted = parse_caption(target_text)
+    except ValueError:
+        wanted = None
+    metrics = []
+    for (eta, seed), image in sorted(images.items()):
+        m = measure(image)
+        metrics.append({"eta": eta, "seed": seed, "file": image_name(eta, seed), **m.attributes(),
+                        "cx": round(m.cx, 2), "cy": round(m.cy, 2), "size": round(m.size, 2),
+                        "matches_target": None if wanted is None else m.attributes() == wanted})
+    return metrics
+
+
+def _fail(store: Storage, entry: Entry, reason: str, message: str, started: float) -> dict:
+    record = {"schema_version": 1, "status": "failed", "entry_id": entry.id, "manifest_line": entry.line,
+              "input": {"uri": entry.image}, "target_text": entry.target_text,
+              "error": {"reason": reason, "message": message}, "wall_seconds": time.perf_counter() - started}
+    store.write_bytes(f"{entry.id}/{ERROR_FILE}", _json(record))
+    return record
+
+
+def batch_report(batch_id: str, records: list[dict], skipped: list[str], seconds: float) -> dict:
+    """Counts, failures with reasons, and time, for dashboards (`report.json`)."""
+    statuses = Counter(r["status"] for r in records)
+    edit_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in records)
+    gpu_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in records if "cuda" in r.get("device", ""))
+    return {
+        "schema_version": 1, "batch_id": batch_id,
+        "counts": {"total": len(records) + len(skipped), "succeeded": statuses["succeeded"],
+                   "failed": statuses["failed"], "skipped": len(skipped) + statuses["already_done"]},
+        "failures": [{"entry_id": r["entry_id"], "line": r["manifest_line"], **r["error"]}
+                     for r in records if r["status"] == "failed"],
+        "entries": [_summary_row(r) for r in records],
+        "skipped": skipped, "wall_seconds": seconds, "edit_seconds": edit_seconds, "gpu_seconds": gpu_seconds,
+    }
+
+
+def _summary_row(record: dict) -> dict:
+    row = {"entry_id": record["entry_id"], "status": record["status"],
+           "seconds": round(record.get("wall_seconds", 0.0), 2)}
+    if record["status"] == "succeeded":
+        row["etas"] = record["etas"]
+        row["contact_sheet"] = record["outputs"]["contact_sheet"]
+        matches = [m for m in record.get("toy_metrics", []) if m["matches_target"]]
+        if matches:
+            row["best_eta"] = min(m["eta"] for m in matches)
+    else:
+        row["reason"] = record["error"]["reason"]
+    return row
+
+
+def report_html(report: dict) -> str:
+    """A contact-sheet index page, next to report.json."""
+    rows = []
+    for row in report["entries"]:
+        if row["status"] == "succeeded":
+            cell = f'<img src="../../{escape(row["entry_id"])}/{SHEET_FILE}" height="160">'
+        else:
+            cell = escape(row.get("reason", ""))
+        rows.append(f"<tr><td>{escape(row['entry_id'])}</td><td>{escape(row['status'])}</td>"
+                    f"<td>{row['seconds']}</td><td>{cell}</td></tr>")
+    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
+    return (f"<!doctype html><meta charset='utf-8'><title>{escape(report['batch_id'])}</title>"
+            f"<h1>Batch {escape(report['batch_id'])}</h1><p>{counts}</p>"
+            "<table border=1 cellpadding=4><tr><th>entry</th><th>status</th><th>seconds</th><th>output</th></tr>"
+            + "".join(rows) + "</table>\n")
+
+
+def write_report(store: Storage, report: dict) -> str:
+    prefix = f"_batches/{report['batch_id']}"
+    store.write_bytes(f"{prefix}/report.json", _json(report))
+    store.write_bytes(f"{prefix}/index.html", report_html(report).encode())
+    return store.url_for(f"{prefix}/report.json")
+
+
+def _json(data: dict) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
