@@ -18,7 +18,7 @@ app = typer.Typer(help="Text-based editing of real images with diffusion models 
                   add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "toy"
 RECORD_FILE = "record.json"
 SHEET_FILE = "contact_sheet.png"
 
@@ -36,7 +36,9 @@ def edit(
     eta: EtaOption = None,
     seed: SeedOption = None,
     preset: Annotated[str, typer.Option(help=f"One of: {', '.join(PRESETS)}.")] = "fast",
-    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, or built-in 'tiny'.")] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, or built-in toy / tiny.")] = (
+        DEFAULT_MODEL
+    ),
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/edit"),
     device: DeviceOption = "auto",
     set_: Annotated[list[str] | None, typer.Option(
@@ -101,6 +103,97 @@ def render(
             picture.save(out / image_name(e, s))
         contact_sheet(result.input_image, images, title=result.target_text).save(out / f"render_{SHEET_FILE}")
     console.print(f"[green]rendered[/] {len(images)} images into {out}/")
+
+
+@app.command()
+def run(
+    manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder or s3://bucket/prefix.")],
+    mode: Annotated[str, typer.Option(help="local (this process) or deployment (edit-chunk on a work pool).")] = "local",
+    model: Annotated[str, typer.Option(help="Model for every entry.")] = DEFAULT_MODEL,
+    preset: Annotated[str | None, typer.Option(help="Override the manifest's presets.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE.")] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Entries per worker run.")] = 8,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="Chunks running at once (deployment mode).")] = 4,
+    device: DeviceOption = "auto",
+) -> None:
+    """Edit every entry of a manifest with Prefect (resumable: finished entries are skipped).
+
+    Example: imagic run examples/manifest.jsonl --output out/batch
+    """
+    if mode not in ("local", "deployment"):
+        raise typer.BadParameter("--mode is local or deployment")
+    from flows.bulk_edit import bulk_edit
+    from imagic.manifest import ManifestError
+
+    with _errors():
+        try:
+            state = bulk_edit(manifest, output, mode=mode, model=model, preset=preset,
+                              overrides=_overrides(set_ or []) or None, chunk_size=chunk_size,
+                              max_in_flight=max_in_flight, device=device, return_state=True)
+        except ManifestError as err:
+            for problem in err.problems:
+                console.print(escape(problem), soft_wrap=True)
+            raise typer.Exit(1) from None
+    if not state.is_completed():
+        console.print(f"[red]batch {state.name.lower()}:[/] {escape(str(state.message))}", soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]done:[/] {state.message}; outputs in {output}")
+
+
+manifest_app = typer.Typer(help="Manifests: validate them, print their JSON Schema.", no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+
+
+@manifest_app.command("validate")
+def manifest_validate(
+    manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
+) -> None:
+    """Check a manifest and print every problem with its line; exit 1 if there are any."""
+    from imagic.manifest import ManifestError, detect_format, parse_manifest
+    from imagic.storage import read_uri
+
+    with _errors():
+        try:
+            _, entries = parse_manifest(read_uri(manifest).decode("utf-8"), detect_format(manifest))
+        except ManifestError as err:
+            for problem in err.problems:
+                console.print(escape(problem), soft_wrap=True)
+            console.print(f"[red]{len(err.problems)} problem(s)[/]")
+            raise typer.Exit(1) from None
+    console.print(f"[green]valid:[/] {len(entries)} entries, {sum(len(e.etas) * len(e.seeds) for e in entries)} images")
+
+
+@manifest_app.command("schema")
+def manifest_schema() -> None:
+    """Print the JSON Schema of a manifest entry and of the file-level defaults."""
+    from imagic.manifest import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def status(output: Annotated[str, typer.Argument(help="Output folder or s3:// prefix of a batch.")]) -> None:
+    """Summarise a batch's output: finished, failed (with reasons) and latest report."""
+    from collections import Counter
+
+    from imagic.batch import ERROR_FILE, RECORD_FILE
+    from imagic.storage import open_storage
+
+    with _errors():
+        store = open_storage(output)
+        keys = store.list()
+    done = {k.split("/")[0] for k in keys if k.endswith("/" + RECORD_FILE) and k.count("/") == 1}
+    failed = {k.split("/")[0] for k in keys if k.endswith("/" + ERROR_FILE) and k.count("/") == 1} - done
+    reasons = Counter(json.loads(store.read_bytes(f"{entry}/{ERROR_FILE}"))["error"]["reason"] for entry in failed)
+    reports = sorted(k for k in keys if k.startswith("_batches/") and k.endswith("/report.json"))
+    console.print(f"{len(done)} finished, {len(failed)} failed"
+                  + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.items())})" if reasons else ""))
+    if reports:
+        report = json.loads(store.read_bytes(reports[-1]))
+        missing = report["counts"]["total"] - len(done) - len(failed)
+        console.print(f"last report: {store.url_for(reports[-1])} ({report['counts']['total']} entries, "
+                      f"{max(0, missing)} missing)")
 
 
 def _load(model: str, device: str):

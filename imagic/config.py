@@ -52,10 +52,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(embedding_steps=1000, embedding_lr=2e-3, finetune_method="full", finetune_steps=1500, finetune_lr=5e-7),
     # diffusers' community Imagic pipeline defaults.
     "community": dict(embedding_steps=500, embedding_lr=1e-3, finetune_method="full", finetune_steps=1000, finetune_lr=2e-6),
-    # LoRA fine-tune with fewer steps. Provisional until the toy edit benchmark tunes it.
+    # LoRA fine-tune with fewer steps; lr and timestep batch from the toy benchmark (README).
     "fast": dict(
-        embedding_steps=200, embedding_lr=5e-3, finetune_method="lora", finetune_steps=300, finetune_lr=1e-4,
-        lora_rank=8,
+        embedding_steps=200, embedding_lr=5e-3, finetune_method="lora", finetune_steps=300, finetune_lr=3e-4,
+        lora_rank=8, train_batch_size=4,
     ),
 }
 

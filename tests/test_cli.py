@@ -77,3 +77,31 @@ def test_every_command_has_help():
     for name, sub in command.commands.items():
         assert sub.help, name
         assert runner.invoke(app, [name, "--help"]).exit_code == 0
+
+
+def test_manifest_validate_reports_every_problem(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.png", "target_text": "x", "etas": [9]}\n{"image": "b.png"}\n')
+    result = runner.invoke(app, ["manifest", "validate", str(path)])
+    assert result.exit_code == 1
+    assert "line 1: etas: must be a non-empty list of numbers in [0, 2]" in result.output
+    assert "line 2: target_text: Field required" in result.output
+
+
+def test_manifest_validate_accepts_the_example():
+    result = runner.invoke(app, ["manifest", "validate", "examples/manifest.jsonl"])
+    assert result.exit_code == 0 and "valid: 5 entries" in result.output
+
+
+def test_manifest_schema_is_json():
+    result = runner.invoke(app, ["manifest", "schema"])
+    assert result.exit_code == 0 and "target_text" in json.loads(result.output)["entry"]["properties"]
+
+
+def test_status_counts_finished_and_failed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "record.json").write_text("{}")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "error.json").write_text(json.dumps({"error": {"reason": "input_unreadable"}}))
+    result = runner.invoke(app, ["status", str(tmp_path)])
+    assert result.exit_code == 0 and "1 finished, 1 failed (input_unreadable: 1)" in result.output
