@@ -1,0 +1,1 @@
+"""Prefect 3 flows over the `imagic` library: thin wiring, no tensors."""

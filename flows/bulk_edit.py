@@ -1,0 +1,148 @@
+"""Manifest → validated entries → skip finished → chunks → edit (here, or on a work pool) → report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.states import Completed
+
+from flows.edit_chunk import load_editor, run_chunk
+from imagic.batch import ERROR_FILE, RECORD_FILE, batch_report, chunk, plan, write_report
+from imagic.manifest import Entry, detect_format, parse_manifest
+from imagic.storage import StorageError, open_storage, read_uri
+
+EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def load_manifest(manifest_uri: str, preset: str | None = None, overrides: dict | None = None) -> list[Entry]:
+    """Read and validate the whole manifest (every problem at once, with its line)."""
+    text = read_uri(manifest_uri).decode("utf-8")
+    return parse_manifest(text, detect_format(manifest_uri), preset=preset, overrides=overrides)[1]
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def plan_batch(entries: list[Entry], output_uri: str) -> tuple[list[Entry], list[Entry]]:
+    """(to do, finished): entries whose record exists are skipped, so a re-run does only what is missing."""
+    return plan(entries, open_storage(output_uri))
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def collect_records(entries: list[Entry], output_uri: str) -> list[dict]:
+    """Each entry's record (or error record) from the store: the store, not the children, is the truth."""
+    store = open_storage(output_uri)
+    records = []
+    for entry in entries:
+        for name in (RECORD_FILE, ERROR_FILE):
+            try:
+                records.append(json.loads(store.read_bytes(f"{entry.id}/{name}")))
+                break
+            except StorageError:
+                continue
+        else:
+            records.append({"entry_id": entry.id, "manifest_line": entry.line, "status": "failed",
+                            "error": {"reason": "not_run", "message": "no record after the batch (worker lost?)"}})
+    return records
+
+
+def chunk_key(batch_id: str, entries: list[Entry]) -> str:
+    """Deterministic per chunk: re-submitting the same chunk of the same batch creates no second run."""
+    digest = hashlib.sha256(json.dumps([e.id for e in entries]).encode()).hexdigest()[:16]
+    return f"{batch_id}-{digest}"
+
+
+def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str, device: str, batch_id: str,
+                         max_in_flight: int, deployment: str, on_done) -> None:
+    """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
+    from prefect.deployments import run_deployment
+
+    def submit(entries: list[Entry]):
+        run = run_deployment(
+            deployment,
+            parameters={"entries": [e.model_dump(mode="json") for e in entries], "output_uri": output_uri,
+                        "model": model, "device": device},
+            idempotency_key=chunk_key(batch_id, entries), timeout=None, as_subflow=True,
+        )
+        on_done(len(entries))
+        return run
+
+    with ThreadPoolExecutor(max_workers=max_in_flight) as pool:
+        list(pool.map(submit, chunks))
+
+
+@flow(name="bulk-edit", log_prints=True)
+def bulk_edit(
+    manifest_uri: str,
+    output_uri: str,
+    mode: Literal["local", "deployment"] = "local",
+    model: str = "toy",
+    preset: str | None = None,
+    overrides: dict | None = None,
+    chunk_size: int = 8,
+    max_in_flight: int = 4,
+    device: str = "auto",
+    batch_id: str | None = None,
+    deployment: str = EDIT_CHUNK_DEPLOYMENT,
+):
+    """Edit every entry of a manifest into `output_uri`; resumable, with a report for dashboards."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    # 1. Read and validate, then plan
+    entries = load_manifest(manifest_uri, preset, overrides)
+    todo, done = plan_batch(entries, output_uri)
+    batch_id = batch_id or hashlib.sha256(f"{manifest_uri}|{output_uri}".encode()).hexdigest()[:12]
+    logger.info("%d entries: %d to do, %d already finished", len(entries), len(todo), len(done))
+
+    # 2. Edit, chunk by chunk
+    progress = create_progress_artifact(0.0, key=f"bulk-edit-{batch_id}", description="entries finished")
+    finished = 0
+
+    def on_done(count: int) -> None:
+        nonlocal finished
+        finished += count
+        update_progress_artifact(progress, 100.0 * finished / max(1, len(todo)))
+
+    chunks = chunk(todo, chunk_size)
+    if mode == "local" and todo:
+        editor = load_editor(model, device)  # once for the whole batch
+        for entries_of_chunk in chunks:
+            run_chunk(editor, entries_of_chunk, output_uri, model)
+            on_done(len(entries_of_chunk))
+    elif mode == "deployment" and todo:
+        dispatch_deployments(chunks, output_uri, model, device, batch_id, max_in_flight, deployment, on_done)
+
+    # 3. Report
+    records = collect_records(todo, output_uri)
+    report = batch_report(batch_id, records, skipped=[e.id for e in done], seconds=time.perf_counter() - started)
+    report_uri = write_report(open_storage(output_uri), report)
+    publish_report(report, report_uri)
+    counts = report["counts"]
+    return Completed(message=f"{counts['succeeded']} succeeded, {counts['failed']} failed, "
+                             f"{counts['skipped']} skipped", data=report)
+
+
+def publish_report(report: dict, report_uri: str) -> None:
+    """Table and markdown artifacts for the Prefect UI."""
+    create_table_artifact(report["entries"], key=f"bulk-edit-{report['batch_id']}-entries",
+                          description="one row per entry")
+    counts = report["counts"]
+    lines = [f"# Batch `{report['batch_id']}`", "",
+             f"**{counts['succeeded']} succeeded · {counts['failed']} failed · {counts['skipped']} skipped** "
+             f"of {counts['total']} in {report['wall_seconds']:.0f} s (GPU-seconds {report['gpu_seconds']:.0f})",
+             "", f"Report: `{report_uri}`"]
+    if report["failures"]:
+        lines += ["", "| entry | line | reason | message |", "|---|---|---|---|"]
+        lines += [f"| {f['entry_id']} | {f['line']} | {f['reason']} | {f['message'][:120]} |"
+                  for f in report["failures"]]
+    create_markdown_artifact("\n".join(lines), key=f"bulk-edit-{report['batch_id']}-summary")

@@ -1,0 +1,46 @@
+"""The per-GPU unit: load the model once, edit each entry of a chunk, write outputs then records."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from imagic import Editor, load_pipeline
+from imagic.batch import run_entry
+from imagic.manifest import Entry
+from imagic.storage import open_storage
+
+
+@task(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+def load_editor(model: str, device: str = "auto") -> Editor:
+    """Load the pipeline (retried: model stores and caches are I/O)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Editor(load_pipeline(model, device))
+
+
+@task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache
+def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str) -> dict:
+    """Edit one entry; a bad input becomes an error record, not a failed task."""
+    record = run_entry(editor, entry, open_storage(output_uri), model=model)
+    get_run_logger().info("%s: %s", entry.id, record["status"])
+    return _row(record)
+
+
+def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str) -> list[dict]:
+    return [edit_entry(editor, entry, output_uri, model) for entry in entries]
+
+
+@flow(name="edit-chunk", log_prints=True)
+def edit_chunk(entries: list[dict], output_uri: str, model: str = "toy", device: str = "auto") -> list[dict]:
+    """Edit a chunk of validated manifest entries on one worker (one GPU)."""
+    editor = load_editor(model, device)
+    return run_chunk(editor, [Entry(**e) for e in entries], output_uri, model)
+
+
+def _row(record: dict) -> dict:
+    """What travels back to the parent: small, no tensors, no images."""
+    return {"entry_id": record["entry_id"], "status": record["status"],
+            "reason": record.get("error", {}).get("reason")}
