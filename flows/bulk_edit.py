@@ -26,10 +26,9 @@ EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
-def load_manifest(manifest_uri: str, preset: str | None = None, overrides: dict | None = None) -> list[Entry]:
-    """Read and validate the whole manifest (every problem at once, with its line)."""
-    text = read_uri(manifest_uri).decode("utf-8")
-    return parse_manifest(text, detect_format(manifest_uri), preset=preset, overrides=overrides)[1]
+def read_manifest(manifest_uri: str) -> str:
+    """The manifest's text (retried: it may live in S3 or behind HTTP)."""
+    return read_uri(manifest_uri).decode("utf-8")
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -99,7 +98,9 @@ def bulk_edit(
     logger = get_run_logger()
     started = time.perf_counter()
     # 1. Read and validate, then plan
-    entries = load_manifest(manifest_uri, preset, overrides)
+    text = read_manifest(manifest_uri)
+    # Validation is not retried: every problem is raised at once, with its line.
+    _, entries = parse_manifest(text, detect_format(manifest_uri), preset=preset, overrides=overrides)
     todo, done = plan_batch(entries, output_uri)
     batch_id = batch_id or hashlib.sha256(f"{manifest_uri}|{output_uri}".encode()).hexdigest()[:12]
     logger.info("%d entries: %d to do, %d already finished", len(entries), len(todo), len(done))

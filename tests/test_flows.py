@@ -44,3 +44,14 @@ def test_bulk_edit_local_is_resumable(prefect, tmp_path, tiny_dir):
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
     assert state.message == "0 succeeded, 1 failed, 2 skipped"  # only the bad entry is tried again
     assert (out / "a" / "record.json").read_text() == first
+
+
+def test_invalid_manifest_fails_before_any_work(prefect, tmp_path):
+    from flows.bulk_edit import bulk_edit
+    from imagic.manifest import ManifestError
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "a.png", "target_text": "x", "etas": [7]}\n')
+    with pytest.raises(ManifestError, match="line 1: etas"):
+        bulk_edit(str(manifest), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
