@@ -18,8 +18,8 @@ from prefect.artifacts import (
 from prefect.states import Completed
 
 from flows.edit_chunk import load_editor, run_chunk
-from imagic.batch import ERROR_FILE, RECORD_FILE, batch_report, chunk, plan, write_report
-from imagic.manifest import Entry, detect_format, parse_manifest
+from imagic.batch import ERROR_FILE, RECORD_FILE, batch_report, chunk, plan, reject, write_report
+from imagic.manifest import Entry, ManifestError, detect_format, validate_manifest
 from imagic.storage import StorageError, open_storage, read_uri
 
 EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
@@ -99,8 +99,14 @@ def bulk_edit(
     started = time.perf_counter()
     # 1. Read and validate, then plan
     text = read_manifest(manifest_uri)
-    # Validation is not retried: every problem is raised at once, with its line.
-    _, entries = parse_manifest(text, detect_format(manifest_uri), preset=preset, overrides=overrides)
+    # Validation is not retried. A bad entry gets an error record and the rest run; a bad file (or one
+    # with no valid entry at all) stops here, listing every problem with its line.
+    entries, rejected, file_problems = validate_manifest(text, detect_format(manifest_uri), preset=preset,
+                                                         overrides=overrides)
+    if file_problems or not entries:
+        raise ManifestError(file_problems + [p for r in rejected for p in r.problems])
+    if rejected:
+        logger.warning("%d invalid entries:\n%s", len(rejected), "\n".join(p for r in rejected for p in r.problems))
     todo, done = plan_batch(entries, output_uri)
     batch_id = batch_id or hashlib.sha256(f"{manifest_uri}|{output_uri}".encode()).hexdigest()[:12]
     logger.info("%d entries: %d to do, %d already finished", len(entries), len(todo), len(done))
@@ -124,7 +130,7 @@ def bulk_edit(
         dispatch_deployments(chunks, output_uri, model, device, batch_id, max_in_flight, deployment, on_done)
 
     # 3. Report
-    records = collect_records(todo, output_uri)
+    records = reject(open_storage(output_uri), rejected) + collect_records(todo, output_uri)
     report = batch_report(batch_id, records, skipped=[e.id for e in done], seconds=time.perf_counter() - started)
     report_uri = write_report(open_storage(output_uri), report)
     publish_report(report, report_uri)

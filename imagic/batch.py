@@ -15,7 +15,7 @@ from html import escape
 
 from imagic.editor import Editor, ProgressCallback
 from imagic.images import ImageError, load_image
-from imagic.manifest import Entry
+from imagic.manifest import Entry, Rejected
 from imagic.record import edit_record
 from imagic.result import image_name
 from imagic.sheet import contact_sheet
@@ -89,6 +89,18 @@ def toy_metrics(target_text: str, images: dict) -> list[dict]:
                         "cx": round(m.cx, 2), "cy": round(m.cy, 2), "size": round(m.size, 2),
                         "matches_target": None if wanted is None else m.attributes() == wanted})
     return metrics
+
+
+def reject(store: Storage, rejected: list[Rejected]) -> list[dict]:
+    """Error records for entries that failed validation (they never reach a GPU)."""
+    records = []
+    for r in rejected:
+        record = {"schema_version": 1, "status": "failed", "entry_id": r.id, "manifest_line": r.line,
+                  "input": {"uri": r.image}, "target_text": r.target_text,
+                  "error": {"reason": "invalid_entry", "message": "; ".join(r.problems)}, "wall_seconds": 0.0}
+        store.write_bytes(f"{r.id}/{ERROR_FILE}", _json(record))
+        records.append(record)
+    return records
 
 
 def _fail(store: Storage, entry: Entry, reason: str, message: str, started: float) -> dict:

@@ -155,7 +155,7 @@ def manifest_validate(
 
     with _errors():
         try:
-            _, entries = parse_manifest(read_uri(manifest).decode("utf-8"), detect_format(manifest))
+            entries = parse_manifest(read_uri(manifest).decode("utf-8"), detect_format(manifest))
         except ManifestError as err:
             for problem in err.problems:
                 console.print(escape(problem), soft_wrap=True)

@@ -131,55 +131,90 @@ def detect_format(name: str) -> Format:
     return formats[suffix]
 
 
-def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
-                   default_preset: str = "fast") -> tuple[Defaults, list[Entry]]:
-    """Validate a whole manifest. `preset`/`overrides` (e.g. from the command line) beat the file's own."""
-    problems: list[str] = []
-    defaults_data, rows = _READERS[fmt](text, problems)
+class Rejected(BaseModel):
+    """An entry that failed validation: it gets an error record; the rest of the batch still runs."""
+
+    line: int
+    id: str
+    image: str | None = None
+    target_text: str | None = None
+    problems: list[str]
+
+
+def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
+                      default_preset: str = "fast") -> tuple[list[Entry], list[Rejected], list[str]]:
+    """(valid entries, rejected entries, file-level problems). `preset`/`overrides` beat the file's own."""
+    file_problems: list[str] = []
+    line_problems: dict[int, list[str]] = {}
+    defaults_data, rows = _READERS[fmt](text, file_problems, line_problems)
     try:
         defaults = Defaults(**(defaults_data or {}))
     except ValidationError as err:
-        problems += _messages(err, "defaults")
+        file_problems += _messages(err, "defaults")
         defaults = Defaults()
 
     entries: list[Entry] = []
+    raw: dict[int, dict] = {}
     seen: dict[str, int] = {}
     for line, data in rows:
-        try:
-            spec = EntrySpec(**data)
-        except ValidationError as err:
-            problems += _messages(err, f"line {line}")
-            continue
-        except TypeError:
-            problems.append(f"line {line}: must be an object with image and target_text")
-            continue
-        chosen_preset = preset or spec.preset or defaults.preset or default_preset
-        merged = {**defaults.overrides, **spec.overrides, **(overrides or {})}
-        try:
-            config = make_config(chosen_preset, **merged)
-        except ValidationError as err:
-            problems += _messages(err, f"line {line}: overrides")
-            continue
-        except ValueError as err:
-            problems.append(f"line {line}: preset: {err}")
-            continue
-        etas = tuple(spec.etas or defaults.etas or DEFAULT_ETAS)
-        seeds = tuple(spec.seeds or defaults.seeds or DEFAULT_SEEDS)
-        if len(set(etas)) != len(etas):
-            problems.append(f"line {line}: etas: must not repeat")
-            continue
-        eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
-        if eid in seen:
-            problems.append(f"line {line}: id: {eid!r} duplicates line {seen[eid]}")
-            continue
-        seen[eid] = line
-        entries.append(Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas,
-                             seeds=seeds, preset=chosen_preset, config=config))
-    if not rows and not problems:
-        problems.append("manifest has no entries")
+        raw[line] = data if isinstance(data, dict) else {}
+        result = _resolve(line, data, defaults, preset, overrides, default_preset)
+        if isinstance(result, list):
+            line_problems[line] = result
+        elif result.id in seen:
+            line_problems[line] = [f"line {line}: id: {result.id!r} duplicates line {seen[result.id]}"]
+        else:
+            seen[result.id] = line
+            entries.append(result)
+    if not rows and not line_problems and not file_problems:
+        file_problems.append("manifest has no entries")
+
+    rejected = []
+    for line, problems in sorted(line_problems.items()):
+        data = raw.get(line, {})
+        given = data.get("id")
+        safe = isinstance(given, str) and ID_PATTERN.match(given) and given not in seen
+        rejected.append(Rejected(
+            line=line, id=given if safe else f"invalid-line-{line}", problems=problems,
+            image=data.get("image") if isinstance(data.get("image"), str) else None,
+            target_text=data.get("target_text") if isinstance(data.get("target_text"), str) else None,
+        ))
+    return entries, rejected, file_problems
+
+
+def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
+                   default_preset: str = "fast") -> list[Entry]:
+    """Validate a whole manifest strictly: any problem raises ManifestError listing all of them."""
+    entries, rejected, file_problems = validate_manifest(text, fmt, preset=preset, overrides=overrides,
+                                                         default_preset=default_preset)
+    problems = file_problems + [p for r in rejected for p in r.problems]
     if problems:
         raise ManifestError(problems)
-    return defaults, entries
+    return entries
+
+
+def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_preset) -> Entry | list[str]:
+    """One row → an Entry, or its problems."""
+    try:
+        spec = EntrySpec(**data)
+    except ValidationError as err:
+        return _messages(err, f"line {line}")
+    except TypeError:
+        return [f"line {line}: must be an object with image and target_text"]
+    chosen_preset = preset or spec.preset or defaults.preset or default_preset
+    try:
+        config = make_config(chosen_preset, **{**defaults.overrides, **spec.overrides, **(overrides or {})})
+    except ValidationError as err:
+        return _messages(err, f"line {line}: overrides")
+    except ValueError as err:
+        return [f"line {line}: preset: {err}"]
+    etas = tuple(spec.etas or defaults.etas or DEFAULT_ETAS)
+    seeds = tuple(spec.seeds or defaults.seeds or DEFAULT_SEEDS)
+    if len(set(etas)) != len(etas):
+        return [f"line {line}: etas: must not repeat"]
+    eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
+    return Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas, seeds=seeds,
+                 preset=chosen_preset, config=config)
 
 
 def _messages(err: ValidationError, where: str) -> list[str]:
@@ -193,7 +228,7 @@ def _messages(err: ValidationError, where: str) -> list[str]:
     return out
 
 
-def _read_jsonl(text: str, problems: list[str]):
+def _read_jsonl(text: str, problems: list[str], line_problems: dict[int, list[str]]):
     defaults, rows = None, []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip() or raw.lstrip().startswith("#"):
@@ -201,7 +236,7 @@ def _read_jsonl(text: str, problems: list[str]):
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as err:
-            problems.append(f"line {number}: invalid JSON ({err.msg})")
+            line_problems[number] = [f"line {number}: invalid JSON ({err.msg})"]
             continue
         if isinstance(data, dict) and set(data) == {"defaults"} and not rows and defaults is None:
             defaults = data["defaults"]
@@ -210,13 +245,13 @@ def _read_jsonl(text: str, problems: list[str]):
     return defaults, rows
 
 
-def _read_csv(text: str, problems: list[str]):
+def _read_csv(text: str, problems: list[str], line_problems: dict[int, list[str]]):
     rows = []
     reader = csv.DictReader(io.StringIO(text))
     for data in reader:
         number = reader.line_num
         if None in data:
-            problems.append(f"line {number}: more cells than header columns")
+            line_problems[number] = [f"line {number}: more cells than header columns"]
             continue
         row: dict[str, Any] = {k.strip(): v.strip() for k, v in data.items() if k and v is not None and v.strip()}
         for key in ("etas", "seeds"):
@@ -226,7 +261,7 @@ def _read_csv(text: str, problems: list[str]):
             try:
                 row["overrides"] = json.loads(row["overrides"])
             except json.JSONDecodeError:
-                problems.append(f"line {number}: overrides: must be a JSON object")
+                line_problems[number] = [f"line {number}: overrides: must be a JSON object"]
                 continue
         rows.append((number, row))
     return None, rows
@@ -245,7 +280,7 @@ def _csv_list(cell: str) -> Any:
         return cell  # let validation name the field
 
 
-def _read_yaml(text: str, problems: list[str]):
+def _read_yaml(text: str, problems: list[str], line_problems: dict[int, list[str]]):
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

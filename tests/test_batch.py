@@ -28,7 +28,7 @@ def manifest(inputs, *names):
     rows = [{"defaults": {"etas": [0.8, 1.0], "overrides": QUICK}}]
     rows += [{"id": name.split(".")[0], "image": str(inputs / name), "target_text": "a blue circle"} for name in names]
     rows.append({"id": "web", "image": "http://127.0.0.1:9/x.png", "target_text": "a blue circle"})
-    return parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")[1]
+    return parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")
 
 
 def test_good_entries_finish_and_bad_ones_get_error_records(editor, inputs, tmp_path):

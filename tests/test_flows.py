@@ -24,7 +24,8 @@ def write_manifest(folder, tiny_dir):
     rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
             {"id": "a", "image": str(folder / "a.png"), "target_text": "a blue circle"},
             {"id": "b", "image": str(folder / "b.png"), "target_text": "a red circle"},
-            {"id": "bad", "image": str(folder / "bad.png"), "target_text": "a red circle"}]
+            {"id": "bad", "image": str(folder / "bad.png"), "target_text": "a red circle"},
+            {"id": "bad-eta", "image": str(folder / "a.png"), "target_text": "a red circle", "etas": [5]}]
     path = folder / "manifest.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -36,13 +37,15 @@ def test_bulk_edit_local_is_resumable(prefect, tmp_path, tiny_dir):
     manifest = write_manifest(tmp_path, tiny_dir)
     out = tmp_path / "out"
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
-    assert state.is_completed() and state.message == "2 succeeded, 1 failed, 0 skipped"
+    assert state.is_completed() and state.message == "2 succeeded, 2 failed, 0 skipped"
     report = json.loads(next(out.glob("_batches/*/report.json")).read_text())
-    assert report["failures"][0]["entry_id"] == "bad"
+    assert {f["entry_id"]: f["reason"] for f in report["failures"]} == {"bad": "input_not_an_image",
+                                                                        "bad-eta": "invalid_entry"}
+    assert "etas" in json.loads((out / "bad-eta" / "error.json").read_text())["error"]["message"]
     first = (out / "a" / "record.json").read_text()
 
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
-    assert state.message == "0 succeeded, 1 failed, 2 skipped"  # only the bad entry is tried again
+    assert state.message == "0 succeeded, 2 failed, 2 skipped"  # only the bad entries are tried again
     assert (out / "a" / "record.json").read_text() == first
 
 

@@ -15,7 +15,7 @@ GOOD = {"id": "a", "image": "s3://bucket/images/a.png", "target_text": "a blue c
 def test_jsonl_with_defaults():
     text = jsonl({"defaults": {"etas": [0.5], "seeds": [0, 1], "preset": "community"}},
                  GOOD, {"image": "b.png", "target_text": "x"})
-    defaults, entries = parse_manifest(text, "jsonl")
+    entries = parse_manifest(text, "jsonl")
     assert [e.line for e in entries] == [2, 3]
     assert entries[0].etas == (0.7, 1.0) and entries[1].etas == (0.5,)
     assert entries[1].seeds == (0, 1) and entries[1].config.finetune_method == "full"
@@ -57,7 +57,7 @@ def test_csv_lists_and_rows():
     with pytest.raises(ManifestError) as caught:
         parse_manifest(text, "csv")
     assert caught.value.problems == ["line 4: etas: must be a non-empty list of numbers in [0, 2]"]
-    _, entries = parse_manifest(text.rsplit("c,c.png", 1)[0], "csv")
+    entries = parse_manifest(text.rsplit("c,c.png", 1)[0], "csv")
     assert entries[0].etas == (0.6, 0.8) and entries[0].seeds == (0, 1) and entries[1].etas == (1.0, 1.2)
 
 
@@ -74,19 +74,19 @@ entries:
     with pytest.raises(ManifestError) as caught:
         parse_manifest(text, "yaml")
     assert caught.value.problems[0].startswith("line 6: seeds:")
-    _, entries = parse_manifest(text.replace("seeds: [-1]", "seeds: [3]"), "yaml")
+    entries = parse_manifest(text.replace("seeds: [-1]", "seeds: [3]"), "yaml")
     assert [e.line for e in entries] == [4, 6] and entries[1].seeds == (3,)
 
 
 def test_command_line_preset_and_overrides_win():
     text = jsonl({"defaults": {"preset": "paper", "overrides": {"finetune_steps": 9}}}, GOOD)
-    _, [entry] = parse_manifest(text, "jsonl", preset="fast", overrides={"embedding_steps": 3})
+    [entry] = parse_manifest(text, "jsonl", preset="fast", overrides={"embedding_steps": 3})
     assert entry.preset == "fast" and entry.config.finetune_steps == 9 and entry.config.embedding_steps == 3
 
 
 def test_generated_ids_are_stable_and_safe():
-    _, [a] = parse_manifest(jsonl({"image": "s3://bucket/dir/My Photo.JPG", "target_text": "x"}), "jsonl")
-    _, [b] = parse_manifest(jsonl({"image": "s3://bucket/dir/My Photo.JPG", "target_text": "x"}), "jsonl")
+    [a] = parse_manifest(jsonl({"image": "s3://bucket/dir/My Photo.JPG", "target_text": "x"}), "jsonl")
+    [b] = parse_manifest(jsonl({"image": "s3://bucket/dir/My Photo.JPG", "target_text": "x"}), "jsonl")
     assert a.id == b.id and a.id.startswith("My-Photo-")
     assert a.id == entry_id(a.image, a.target_text, a.config, a.etas, a.seeds)
 
@@ -103,10 +103,22 @@ def test_shipped_example_manifest_is_valid():
     from pathlib import Path
 
     text = (Path(__file__).parent.parent / "examples" / "manifest.jsonl").read_text()
-    _, entries = parse_manifest(text, "jsonl")
+    entries = parse_manifest(text, "jsonl")
     assert len(entries) >= 5 and all(Path(e.image).is_file() for e in entries)
 
 
 def test_json_schema_names_the_fields():
     schema = json_schema()
     assert {"image", "target_text", "etas", "id"} <= set(schema["entry"]["properties"])
+
+
+def test_lenient_validation_rejects_only_the_bad_entries():
+    from imagic.manifest import validate_manifest
+
+    text = jsonl(GOOD, {"id": "b", "image": "b.png", "target_text": "x", "etas": [3]},
+                 {"image": "c.png", "target_text": ""}) + "{oops\n"
+    entries, rejected, file_problems = validate_manifest(text, "jsonl")
+    assert [e.id for e in entries] == ["a"] and file_problems == []
+    assert [(r.line, r.id) for r in rejected] == [(2, "b"), (3, "invalid-line-3"), (4, "invalid-line-4")]
+    assert rejected[0].problems == ["line 2: etas: must be a non-empty list of numbers in [0, 2]"]
+    assert rejected[1].image == "c.png"
