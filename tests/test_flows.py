@@ -58,3 +58,34 @@ def test_invalid_manifest_fails_before_any_work(prefect, tmp_path):
     with pytest.raises(ManifestError, match="line 1: etas"):
         bulk_edit(str(manifest), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_imagic_run_into_s3_then_status(prefect, tmp_path, tiny_dir, monkeypatch):
+    """The CLI's `run` through the flow into S3 over HTTP (moto's server), then `status` on it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from typer.testing import CliRunner
+
+    from imagic.cli import app
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "k",
+                           "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="outputs")
+        manifest = write_manifest(tmp_path, tiny_dir)
+        runner = CliRunner()
+        result = runner.invoke(app, ["run", str(manifest), "--output", "s3://outputs/batch-1",
+                                     "--model", str(tiny_dir), "--chunk-size", "3"])
+        assert result.exit_code == 0, result.output
+        assert "2 succeeded, 2 failed, 0 skipped" in " ".join(result.output.split())
+        keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="outputs")["Contents"]}
+        assert {"batch-1/a/record.json", "batch-1/b/contact_sheet.png", "batch-1/bad/error.json"} <= keys
+        status = runner.invoke(app, ["status", "s3://outputs/batch-1"])
+        assert status.exit_code == 0
+        assert "2 finished, 2 failed" in " ".join(status.output.split())
+    finally:
+        server.stop()
