@@ -22,7 +22,8 @@ def main() -> None:
     for i, (scene, target) in enumerate(EXAMPLES):
         name = f"{scene.color}-{scene.shape}-on-{scene.background}.png"
         render(scene, np.random.default_rng(i), resolution=128).save(HERE / "toy" / name)
-        entries.append({"id": f"{scene.color}-{scene.shape}-to-{'-'.join(target.split()[1:3])}",
+        color, shape, _, background, _ = target.split()[1:]
+        entries.append({"id": f"{scene.color}-{scene.shape}-on-{scene.background}-to-{color}-{shape}-on-{background}",
                         "image": f"examples/toy/{name}", "source_text": caption(scene), "target_text": target,
                         "etas": [0.6, 0.7, 0.8, 0.9, 1.0], "seeds": [0, 1]})
     with open(HERE / "manifest.jsonl", "w") as f:
