@@ -7,7 +7,6 @@ machine-readable reason instead of an exception, so it never sinks the batch; a 
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import Counter
@@ -17,16 +16,22 @@ from imagic.editor import Editor, ProgressCallback
 from imagic.images import ImageError, load_image
 from imagic.manifest import Entry, Rejected
 from imagic.record import edit_record
-from imagic.result import image_name
+from imagic.result import image_name, png_bytes
 from imagic.sheet import contact_sheet
 from imagic.storage import Storage, StorageError, read_uri
 
 RECORD_FILE, ERROR_FILE, SHEET_FILE = "record.json", "error.json", "contact_sheet.png"
 
 
+def entry_ids(store: Storage, name: str = RECORD_FILE, keys: list[str] | None = None) -> set[str]:
+    """Entries that have `<id>/<name>` (one listing, not a request per entry)."""
+    keys = store.list() if keys is None else keys
+    return {key.split("/", 1)[0] for key in keys if key.count("/") == 1 and key.endswith("/" + name)}
+
+
 def finished_ids(store: Storage) -> set[str]:
-    """Entries whose record exists (one listing, not a request per entry)."""
-    return {key.split("/", 1)[0] for key in store.list() if key.count("/") == 1 and key.endswith("/" + RECORD_FILE)}
+    """Entries whose record exists."""
+    return entry_ids(store, RECORD_FILE)
 
 
 def plan(entries: list[Entry], store: Storage) -> tuple[list[Entry], list[Entry]]:
@@ -55,7 +60,7 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str,
         return _fail(store, entry, "invalid_request", str(err), started)
 
     files = result.to_files()
-    files[SHEET_FILE] = _png(contact_sheet(result.input_image, result.images, title=entry.target_text))
+    files[SHEET_FILE] = png_bytes(contact_sheet(result.input_image, result.images, title=entry.target_text))
     for name, data in files.items():  # outputs first …
         store.write_bytes(f"{entry.id}/{name}", data)
     record = edit_record(
@@ -167,9 +172,3 @@ def write_report(store: Storage, report: dict) -> str:
 
 def _json(data: dict) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

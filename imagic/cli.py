@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from imagic.batch import ERROR_FILE, RECORD_FILE, SHEET_FILE, entry_ids
 from imagic.config import DEFAULT_ETAS, DEFAULT_SEEDS, PRESETS, make_config
 
 app = typer.Typer(help="Text-based editing of real images with diffusion models (Imagic).", no_args_is_help=True,
@@ -19,8 +20,6 @@ app = typer.Typer(help="Text-based editing of real images with diffusion models 
 console = Console(stderr=True)
 
 DEFAULT_MODEL = "toy"
-RECORD_FILE = "record.json"
-SHEET_FILE = "contact_sheet.png"
 
 EtaOption = Annotated[list[str] | None, typer.Option(
     "--eta", help=f"η values, comma-separated and/or repeated [default: {','.join(map(str, DEFAULT_ETAS))}]")]
@@ -51,12 +50,13 @@ def edit(
     from imagic import Editor, load_image
     from imagic.record import edit_record
     from imagic.sheet import contact_sheet
+    from imagic.storage import LocalStorage, read_uri
 
     with _errors():
         etas = _floats(eta) if eta else list(DEFAULT_ETAS)
         seeds = _ints(seed) if seed else list(DEFAULT_SEEDS)
         config = make_config(preset, **_overrides(set_ or []))
-        input_bytes = _read(image)
+        input_bytes = read_uri(str(image))
         picture = load_image(input_bytes, name=str(image))
         editor = Editor(_load(model, device))
         editor.check_inputs(config, etas, seeds)
@@ -69,7 +69,8 @@ def edit(
             result, input_uri=str(image), input_bytes=input_bytes, model=model, preset=preset,
             device=str(editor.device), outputs={"contact_sheet": SHEET_FILE, "artifacts": "artifacts/"},
         )
-        _write_json_last(out / RECORD_FILE, record)
+        # Last, and atomically (temp file + rename): a record on disk always means a finished edit.
+        LocalStorage(out).write_bytes(RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
     console.print(f"[green]done[/] in {record['seconds']['total']:.1f}s: {len(result.images)} images, "
                   f"contact sheet and record in {out}/")
 
@@ -124,17 +125,11 @@ def run(
     if mode not in ("local", "deployment"):
         raise typer.BadParameter("--mode is local or deployment")
     from flows.bulk_edit import bulk_edit
-    from imagic.manifest import ManifestError
 
     with _errors():
-        try:
-            state = bulk_edit(manifest, output, mode=mode, model=model, preset=preset,
-                              overrides=_overrides(set_ or []) or None, chunk_size=chunk_size,
-                              max_in_flight=max_in_flight, device=device, return_state=True)
-        except ManifestError as err:
-            for problem in err.problems:
-                console.print(escape(problem), soft_wrap=True)
-            raise typer.Exit(1) from None
+        state = bulk_edit(manifest, output, mode=mode, model=model, preset=preset,
+                          overrides=_overrides(set_ or []) or None, chunk_size=chunk_size,
+                          max_in_flight=max_in_flight, device=device, return_state=True)
     if not state.is_completed():
         console.print(f"[red]batch {state.name.lower()}:[/] {escape(str(state.message))}", soft_wrap=True)
         raise typer.Exit(1)
@@ -150,17 +145,11 @@ def manifest_validate(
     manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
 ) -> None:
     """Check a manifest and print every problem with its line; exit 1 if there are any."""
-    from imagic.manifest import ManifestError, detect_format, parse_manifest
+    from imagic.manifest import detect_format, parse_manifest
     from imagic.storage import read_uri
 
     with _errors():
-        try:
-            entries = parse_manifest(read_uri(manifest).decode("utf-8"), detect_format(manifest))
-        except ManifestError as err:
-            for problem in err.problems:
-                console.print(escape(problem), soft_wrap=True)
-            console.print(f"[red]{len(err.problems)} problem(s)[/]")
-            raise typer.Exit(1) from None
+        entries = parse_manifest(read_uri(manifest).decode("utf-8"), detect_format(manifest))
     console.print(f"[green]valid:[/] {len(entries)} entries, {sum(len(e.etas) * len(e.seeds) for e in entries)} images")
 
 
@@ -177,14 +166,13 @@ def status(output: Annotated[str, typer.Argument(help="Output folder or s3:// pr
     """Summarise a batch's output: finished, failed (with reasons) and latest report."""
     from collections import Counter
 
-    from imagic.batch import ERROR_FILE, RECORD_FILE
     from imagic.storage import open_storage
 
     with _errors():
         store = open_storage(output)
         keys = store.list()
-    done = {k.split("/")[0] for k in keys if k.endswith("/" + RECORD_FILE) and k.count("/") == 1}
-    failed = {k.split("/")[0] for k in keys if k.endswith("/" + ERROR_FILE) and k.count("/") == 1} - done
+    done = entry_ids(store, RECORD_FILE, keys)
+    failed = entry_ids(store, ERROR_FILE, keys) - done
     reasons = Counter(json.loads(store.read_bytes(f"{entry}/{ERROR_FILE}"))["error"]["reason"] for entry in failed)
     reports = sorted(k for k in keys if k.startswith("_batches/") and k.endswith("/report.json"))
     console.print(f"{len(done)} finished, {len(failed)} failed"
@@ -243,22 +231,6 @@ def _overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def _read(path: Path) -> bytes:
-    from imagic import ImageError
-
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise ImageError(f"{path}: cannot read file ({err.strerror or err})") from err
-
-
-def _write_json_last(path: Path, record: dict) -> None:
-    # Written to a temporary name then renamed: a record on disk always means a finished edit.
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    partial.replace(path)
-
-
 class _progress:
     """Rich progress bars per stage (step, loss, ETA) that the engine drives through its callback."""
 
@@ -288,11 +260,18 @@ class _errors:
 
     def __exit__(self, kind, error, tb):
         from imagic import ImageError, ModelError
+        from imagic.manifest import ManifestError
+        from imagic.storage import StorageError
 
+        if isinstance(error, ManifestError):  # every problem, one per line
+            for problem in error.problems:
+                console.print(escape(problem), soft_wrap=True)
+            console.print(f"[red]{len(error.problems)} problem(s)[/]")
+            raise typer.Exit(1)
         if isinstance(error, ValidationError):
             details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
             console.print(f"[red]error:[/] invalid config: {escape(details)}", soft_wrap=True)
-        elif isinstance(error, (ImageError, ModelError, ValueError, FileNotFoundError)):
+        elif isinstance(error, (ImageError, ModelError, StorageError, ValueError, FileNotFoundError)):
             console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
         else:
             return False

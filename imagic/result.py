@@ -64,9 +64,9 @@ class EditResult:
 
     def to_files(self) -> dict[str, bytes]:
         """Everything `save` writes, as {relative path: bytes}: images, artifacts/ (embeddings, delta, JSON)."""
-        files = {INPUT_FILE: _png(self.input_image)}
+        files = {INPUT_FILE: png_bytes(self.input_image)}
         for (eta, seed), image in sorted(self.images.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            files[image_name(eta, seed)] = _png(image)
+            files[image_name(eta, seed)] = png_bytes(image)
         tensors = {"e_tgt": self.e_tgt.contiguous(), "e_opt": self.e_opt.contiguous()}
         files[f"{ARTIFACTS}/{EMBEDDINGS_FILE}"] = save_tensors(tensors)
         if self.delta is not None:
@@ -113,7 +113,7 @@ class EditResult:
         )
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
