@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import prefect.runtime.flow_run
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -15,6 +15,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.states import Completed
 
 from flows.edit_chunk import load_editor, run_chunk
@@ -55,29 +57,49 @@ def collect_records(entries: list[Entry], output_uri: str) -> list[dict]:
     return records
 
 
-def chunk_key(batch_id: str, entries: list[Entry]) -> str:
-    """Deterministic per chunk: re-submitting the same chunk of the same batch creates no second run."""
+def chunk_key(parent_run_id: str, entries: list[Entry]) -> str:
+    """Deterministic per (parent run, chunk): a retried submission returns the child it already created.
+
+    Not deterministic across parent runs on purpose: re-running a batch after a crash must start new
+    children for its unfinished chunks, not get back the dead child of the crashed run.
+    """
     digest = hashlib.sha256(json.dumps([e.id for e in entries]).encode()).hexdigest()[:16]
-    return f"{batch_id}-{digest}"
+    return f"{parent_run_id}-{digest}"
 
 
-def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str, device: str, batch_id: str,
-                         max_in_flight: int, deployment: str, on_done) -> None:
-    """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
+@task(retries=3, retry_delay_seconds=[5, 15, 60], cache_policy=NO_CACHE)
+def run_chunk_deployment(entries: list[Entry], output_uri: str, model: str, device: str, deployment: str,
+                         key: str) -> int:
+    """One `edit-chunk` run on the work pool; waits for it. Retried on API errors (the key makes that safe)."""
     from prefect.deployments import run_deployment
 
-    def submit(entries: list[Entry]):
-        run = run_deployment(
-            deployment,
-            parameters={"entries": [e.model_dump(mode="json") for e in entries], "output_uri": output_uri,
-                        "model": model, "device": device},
-            idempotency_key=chunk_key(batch_id, entries), timeout=None, as_subflow=True,
-        )
-        on_done(len(entries))
-        return run
+    child = run_deployment(
+        deployment,
+        parameters={"entries": [e.model_dump(mode="json") for e in entries], "output_uri": output_uri,
+                    "model": model, "device": device},
+        idempotency_key=key, timeout=None, as_subflow=True,
+    )
+    if not child.state or not child.state.is_completed():
+        # Per-entry failures are records, so a failed child means lost infrastructure (OOM, evicted pod):
+        # its entries show up as `not_run` in the report and are redone by the next run of the batch.
+        get_run_logger().warning("chunk run %s ended %s", child.name, child.state.name if child.state else None)
+    return len(entries)
 
-    with ThreadPoolExecutor(max_workers=max_in_flight) as pool:
-        list(pool.map(submit, chunks))
+
+def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str, device: str,
+                         max_in_flight: int, deployment: str, on_done) -> None:
+    """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
+    parent_run_id = str(prefect.runtime.flow_run.id)
+    in_flight = []
+    for entries in chunks:
+        if len(in_flight) >= max_in_flight:
+            finished = next(as_completed(in_flight))
+            in_flight.remove(finished)
+            on_done(finished.result())
+        in_flight.append(run_chunk_deployment.submit(entries, output_uri, model, device, deployment,
+                                                     chunk_key(parent_run_id, entries)))
+    for finished in as_completed(in_flight):
+        on_done(finished.result())
 
 
 @flow(name="bulk-edit", log_prints=True)
@@ -127,7 +149,7 @@ def bulk_edit(
             run_chunk(editor, entries_of_chunk, output_uri, model)
             on_done(len(entries_of_chunk))
     elif mode == "deployment" and todo:
-        dispatch_deployments(chunks, output_uri, model, device, batch_id, max_in_flight, deployment, on_done)
+        dispatch_deployments(chunks, output_uri, model, device, max_in_flight, deployment, on_done)
 
     # 3. Report
     records = reject(open_storage(output_uri), rejected) + collect_records(todo, output_uri)

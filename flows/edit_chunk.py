@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imagic import Editor, load_pipeline
-from imagic.batch import run_entry
+from imagic.batch import RECORD_FILE, run_entry
 from imagic.manifest import Entry
 from imagic.storage import open_storage
 
@@ -24,7 +24,11 @@ def load_editor(model: str, device: str = "auto") -> Editor:
 @task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache
 def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str) -> dict:
     """Edit one entry; a bad input becomes an error record, not a failed task."""
-    record = run_entry(editor, entry, open_storage(output_uri), model=model)
+    store = open_storage(output_uri)
+    if store.exists(f"{entry.id}/{RECORD_FILE}"):  # e.g. a stale chunk run from a crashed batch
+        get_run_logger().info("%s: already done", entry.id)
+        return {"entry_id": entry.id, "status": "already_done", "reason": None}
+    record = run_entry(editor, entry, store, model=model)
     get_run_logger().info("%s: %s", entry.id, record["status"])
     return _row(record)
 
