@@ -17,7 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.states import Completed
+from prefect.states import Completed, State
 
 from flows.edit_chunk import load_editor, run_chunk
 from imagic.batch import ERROR_FILE, RECORD_FILE, batch_report, chunk, plan, reject, write_report
@@ -156,6 +156,11 @@ def bulk_edit(
     report = batch_report(batch_id, records, skipped=[e.id for e in done], seconds=time.perf_counter() - started)
     report_uri = write_report(open_storage(output_uri), report)
     publish_report(report, report_uri)
+    return final_state(report)
+
+
+def final_state(report: dict) -> State:
+    """The final state dashboards show: counts in the message, the report as the result."""
     counts = report["counts"]
     return Completed(message=f"{counts['succeeded']} succeeded, {counts['failed']} failed, "
                              f"{counts['skipped']} skipped", data=report)

@@ -89,3 +89,21 @@ def test_imagic_run_into_s3_then_status(prefect, tmp_path, tiny_dir, monkeypatch
         assert "2 finished, 2 failed" in " ".join(status.output.split())
     finally:
         server.stop()
+
+
+def test_augment_edits_each_image_times_template_once(prefect, tmp_path, tiny_dir):
+    from flows.augment import augment
+
+    dataset = tmp_path / "images"
+    dataset.mkdir()
+    draw_scene().save(dataset / "red.png")
+    draw_scene((30, 200, 30)).save(dataset / "green.png")
+    args = dict(dataset_uri=str(dataset), templates=["a blue circle", "a {name} square"],
+                output_uri=str(tmp_path / "out"), etas=[1.0], preset="community", overrides=QUICK,
+                model=str(tiny_dir), mode="local")
+    state = augment(**args, return_state=True)
+    assert state.message == "4 succeeded, 0 failed, 0 skipped"
+    assert len(list((tmp_path / "out").glob("*/record.json"))) == 4
+    assert len(list((tmp_path / "out" / "_manifests").glob("augment-*.jsonl"))) == 1
+    draw_scene((30, 30, 200)).save(dataset / "blue.png")  # the dataset grows: only the new image is edited
+    assert augment(**args, return_state=True).message == "2 succeeded, 0 failed, 4 skipped"

@@ -1,0 +1,51 @@
+"""Scheduled augmentation: images under a dataset prefix × target-text templates → manifest → bulk_edit."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+
+from flows.bulk_edit import bulk_edit, final_state
+from imagic.augment import augmentation_manifest, check_locations, dataset_images
+from imagic.storage import open_storage
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def list_dataset(dataset_uri: str) -> list[str]:
+    return dataset_images(open_storage(dataset_uri))
+
+
+@task(retries=3, retry_delay_seconds=[2, 5, 15])
+def write_manifest(text: str, output_uri: str) -> str:
+    """Kept next to the outputs (content-addressed), so every batch can be audited and re-run."""
+    store = open_storage(output_uri)
+    key = f"_manifests/augment-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    store.write_bytes(key, text.encode(), if_absent=True)
+    return store.url_for(key)
+
+
+@flow(name="augment", log_prints=True)
+def augment(
+    dataset_uri: str,
+    templates: list[str],
+    output_uri: str,
+    etas: list[float] | None = None,
+    seeds: list[int] | None = None,
+    preset: str | None = "fast",
+    overrides: dict | None = None,
+    model: str = "toy",
+    mode: Literal["local", "deployment"] = "deployment",
+    chunk_size: int = 8,
+    max_in_flight: int = 4,
+):
+    """Edit every image under `dataset_uri` towards every template; images already done are skipped."""
+    check_locations(dataset_uri, output_uri)
+    images = list_dataset(dataset_uri)
+    text = augmentation_manifest(images, templates, etas=etas, seeds=seeds, preset=preset, overrides=overrides)
+    manifest_uri = write_manifest(text, output_uri)
+    get_run_logger().info("%d images × %d templates → %s", len(images), len(templates), manifest_uri)
+    report = bulk_edit(manifest_uri, output_uri, mode=mode, model=model, chunk_size=chunk_size,
+                       max_in_flight=max_in_flight)
+    return final_state(report)
