@@ -8,17 +8,18 @@ from prefect.cache_policies import NO_CACHE
 from imagic import Editor, load_pipeline
 from imagic.batch import RECORD_FILE, run_entry
 from imagic.manifest import Entry
+from imagic.model_store import local_model
 from imagic.storage import open_storage
 
 
 @task(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
 def load_editor(model: str, device: str = "auto") -> Editor:
-    """Load the pipeline (retried: model stores and caches are I/O)."""
+    """Load the pipeline, syncing an s3:// model to the local cache first (retried: both are I/O)."""
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Editor(load_pipeline(model, device))
+    return Editor(load_pipeline(local_model(model), device))
 
 
 @task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache

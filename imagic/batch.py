@@ -15,6 +15,7 @@ from html import escape
 from imagic.editor import Editor, ProgressCallback
 from imagic.images import ImageError, load_image
 from imagic.manifest import Entry, Rejected
+from imagic.model_store import model_sha256
 from imagic.record import edit_record
 from imagic.result import image_name, png_bytes
 from imagic.sheet import contact_sheet
@@ -64,7 +65,8 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str,
     for name, data in files.items():  # outputs first …
         store.write_bytes(f"{entry.id}/{name}", data)
     record = edit_record(
-        result, input_uri=entry.image, input_bytes=input_bytes, model=model, preset=entry.preset,
+        result, input_uri=entry.image, input_bytes=input_bytes, model=model,
+        model_sha256=model_sha256(editor.pipeline.name_or_path), preset=entry.preset,
         device=str(editor.device), outputs={"contact_sheet": store.url_for(f"{entry.id}/{SHEET_FILE}"),
                                             "artifacts": store.url_for(f"{entry.id}/artifacts/")},
     )

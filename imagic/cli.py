@@ -48,6 +48,7 @@ def edit(
     Example: imagic edit photo.png --target "a dog sitting" --eta 0.6,0.7,0.8 --seed 0 --out out/dog
     """
     from imagic import Editor, load_image
+    from imagic.model_store import model_sha256
     from imagic.record import edit_record
     from imagic.sheet import contact_sheet
     from imagic.storage import LocalStorage, read_uri
@@ -66,7 +67,8 @@ def edit(
         result.save(out)
         contact_sheet(result.input_image, result.images, title=target).save(out / SHEET_FILE)
         record = edit_record(
-            result, input_uri=str(image), input_bytes=input_bytes, model=model, preset=preset,
+            result, input_uri=str(image), input_bytes=input_bytes, model=model,
+            model_sha256=model_sha256(editor.pipeline.name_or_path), preset=preset,
             device=str(editor.device), outputs={"contact_sheet": SHEET_FILE, "artifacts": "artifacts/"},
         )
         # Last, and atomically (temp file + rename): a record on disk always means a finished edit.
@@ -190,6 +192,7 @@ def _load(model: str, device: str):
     from transformers.utils import logging as transformers_logging
 
     from imagic import load_pipeline
+    from imagic.model_store import local_model
 
     diffusers_logging.disable_progress_bar()  # the status spinner says it; tqdm would fight rich
     transformers_logging.disable_progress_bar()
@@ -197,7 +200,7 @@ def _load(model: str, device: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with console.status(f"loading {model} on {device}"):
-        return load_pipeline(model, device)
+        return load_pipeline(local_model(model), device)
 
 
 def _split(values: list[str]) -> list[str]:

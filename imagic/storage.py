@@ -10,6 +10,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -147,6 +148,17 @@ class S3Storage:
             if getattr(err, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise self._error("check", key, err) from err
+
+    def download(self, key: str, path: Path) -> None:
+        """Stream one object to a file (boto3's managed, multipart transfer: for multi-GB weights)."""
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(partial))
+            os.replace(partial, path)
+        except Exception as err:
+            partial.unlink(missing_ok=True)
+            raise self._error("download", key, err) from err
 
     def list(self, prefix: str = "") -> list[str]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import threading
 
 import pytest
 
@@ -51,3 +52,28 @@ def draw_scene(color=(200, 30, 30), background=(240, 240, 240), size=64):
 @pytest.fixture
 def scene():
     return draw_scene()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """S3 over real HTTP: moto's server in a thread (path-style, like MinIO)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "minio-user")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-key-123")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    import boto3
+
+    bucket = f"bucket-{threading.get_ident() % 100000}-{id(monkeypatch) % 100000}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return bucket

@@ -6,6 +6,7 @@ import pytest
 
 from imagic.batch import batch_report, chunk, finished_ids, plan, report_html, run_entry, write_report
 from imagic.manifest import parse_manifest
+from imagic.model_store import model_sha256
 from imagic.storage import LocalStorage
 
 from .conftest import draw_scene
@@ -36,6 +37,7 @@ def test_good_entries_finish_and_bad_ones_get_error_records(editor, inputs, tmp_
     entries = manifest(inputs, "good.png", "text.png", "cut.png", "missing.png")
     records = {e.id: run_entry(editor, e, store, model="tiny") for e in entries}
     assert records["good"]["status"] == "succeeded"
+    assert records["good"]["model_sha256"] == model_sha256(editor.pipeline.name_or_path) is not None
     assert {"good/record.json", "good/contact_sheet.png", "good/eta-0.80_seed-0.png",
             "good/artifacts/embeddings.safetensors"} <= set(store.list())
     reasons = {k: r["error"]["reason"] for k, r in records.items() if r["status"] == "failed"}
