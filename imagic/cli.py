@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -129,9 +131,11 @@ def run(
     from flows.bulk_edit import bulk_edit
 
     with _errors():
-        state = bulk_edit(manifest, output, mode=mode, model=model, preset=preset,
-                          overrides=_overrides(set_ or []) or None, chunk_size=chunk_size,
-                          max_in_flight=max_in_flight, device=device, return_state=True)
+        overrides = _overrides(set_ or []) or None
+        with _batch_progress(manifest, output, preset, overrides):
+            state = bulk_edit(manifest, output, mode=mode, model=model, preset=preset, overrides=overrides,
+                              chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
+                              return_state=True)
     if not state.is_completed():
         console.print(f"[red]batch {state.name.lower()}:[/] {escape(str(state.message))}", soft_wrap=True)
         raise typer.Exit(1)
@@ -232,6 +236,49 @@ def _overrides(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             overrides[key.strip()] = value  # a bare string such as finetune_method=lora
     return overrides
+
+
+@contextlib.contextmanager
+def _batch_progress(manifest: str, output: str, preset: str | None, overrides: dict | None):
+    """A bar of the manifest's entries finished in the output store (polled: it works whether the
+    entries run in this process or on a work pool). An unreadable manifest shows no bar; the flow reports it."""
+    from imagic.manifest import detect_format, validate_manifest
+    from imagic.storage import open_storage, read_uri
+
+    try:
+        entries, _, _ = validate_manifest(read_uri(manifest).decode(), detect_format(manifest), preset=preset,
+                                          overrides=overrides)
+        store = open_storage(output)
+        failed_before = entry_ids(store, ERROR_FILE)
+    except Exception:
+        yield
+        return
+    ids, stop = {e.id for e in entries}, threading.Event()
+    bar = Progress(TextColumn("[bold]entries"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                   TimeRemainingColumn(), console=console, transient=True)
+    task = bar.add_task("entries", total=len(ids), note="")
+
+    def watch() -> None:
+        while True:
+            try:
+                keys = store.list()
+            except Exception:  # the store is the flow's business; the bar just waits
+                keys = None
+            if keys is not None:
+                done = entry_ids(store, RECORD_FILE, keys) & ids
+                failed = (entry_ids(store, ERROR_FILE, keys) & ids) - failed_before - done
+                bar.update(task, completed=len(done | failed), note=f"{len(failed)} failed" if failed else "")
+            if stop.wait(2.0):
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    with bar:
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
 
 
 class _progress:
