@@ -5,110 +5,43 @@ Slow-ish (~2 min): every chunk run is a fresh Python process, as it is on Kubern
 """
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from flows.testing import REPO, LocalCluster, stop, wait_until
 
 from .conftest import draw_scene
 
-REPO = Path(__file__).resolve().parents[1]
 POOL = "system-test-pool"
 QUICK = {"embedding_steps": 2, "finetune_steps": 2, "num_inference_steps": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """moto (S3 over HTTP) + prefect server + work pool + edit-chunk deployment; yields an env for processes."""
+    """moto (S3 over HTTP) + prefect server + process work pool + the edit-chunk deployment."""
     from moto.server import ThreadedMotoServer
 
-    home = tmp_path_factory.mktemp("prefect-home")
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()
-    host, moto_port = moto.get_host_and_port()
-    api = f"http://127.0.0.1:{free_port()}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO",
-           "AWS_ENDPOINT_URL": f"http://{host}:{moto_port}", "AWS_ACCESS_KEY_ID": "test-key",
-           "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
-    port = api.rsplit(":", 1)[1].split("/")[0]
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", port], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    host, port = moto.get_host_and_port()
+    s3_env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test-key",
+              "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
     try:
-        wait_until(lambda: _healthy(api), 120, "the Prefect server")
-        subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
-                       env=env, check=True, capture_output=True)
-        subprocess.run([sys.executable, "-c", DEPLOY.format(repo=str(REPO), pool=POOL)], env=env, check=True,
-                       capture_output=True, cwd=REPO)
-        cluster = {"env": env, "home": home, "api": api}
-        s3_client(cluster).create_bucket(Bucket="batch")
-        yield cluster
+        with LocalCluster(tmp_path_factory.mktemp("prefect-home"), s3_env, pool=POOL) as cluster:
+            s3_client(cluster).create_bucket(Bucket="batch")
+            yield cluster
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
         moto.stop()
-
-
-DEPLOY = """
-from flows.edit_chunk import edit_chunk
-edit_chunk.from_source(source={repo!r}, entrypoint="flows/edit_chunk.py:edit_chunk").deploy(
-    name="edit-chunk", work_pool_name={pool!r}, print_next_steps=False)
-"""
-
-
-def _healthy(api: str) -> bool:
-    try:
-        return httpx.get(f"{api}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def start_worker(cluster, name: str) -> subprocess.Popen:
-    log = open(cluster["home"] / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type",
-                             "process", "--limit", "1", "--name", name], env=cluster["env"], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
-
-
-def stop(process: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    """The process and everything it started (the worker's flow-run processes)."""
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        return
-    process.wait(60)
 
 
 def imagic_run(cluster, manifest: Path, output: str, tiny_dir, **popen) -> subprocess.Popen:
     args = [sys.executable, "-m", "imagic", "run", str(manifest), "--output", output, "--mode", "deployment",
             "--model", str(tiny_dir), "--chunk-size", "1", "--max-in-flight", "2"]
-    return subprocess.Popen(args, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, cwd=REPO, **popen)
 
 
@@ -138,7 +71,7 @@ def s3_objects(cluster, prefix: str) -> dict[str, str]:
 
 def chunk_runs(cluster) -> list:
     """Every edit-chunk flow run the server knows."""
-    out = subprocess.run([sys.executable, "-c", LIST_RUNS], env=cluster["env"], check=True, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", LIST_RUNS], env=cluster.env, check=True, capture_output=True,
                          text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -160,7 +93,7 @@ def records(objects: dict) -> set[str]:
 def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, tiny_dir):
     missing = {"id": "missing", "image": "s3://batch/inputs/nope.png", "target_text": "a blue circle"}
     manifest = write_manifest(tmp_path, 3, extra=[missing])
-    worker = start_worker(cluster, "worker-a")
+    worker = cluster.start_worker("worker-a")
     try:
         output = finish(imagic_run(cluster, manifest, "s3://batch/full", tiny_dir))
         assert "3 succeeded, 1 failed, 0 skipped" in output
@@ -186,7 +119,7 @@ def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, tin
 
 def test_killing_the_worker_mid_batch_then_rerunning_loses_and_duplicates_nothing(cluster, tmp_path, tiny_dir):
     manifest = write_manifest(tmp_path, 4)
-    worker = start_worker(cluster, "worker-b")
+    worker = cluster.start_worker("worker-b")
     parent = imagic_run(cluster, manifest, "s3://batch/killed", tiny_dir)
     try:
         first = wait_until(lambda: records(s3_objects(cluster, "killed")), 300, "the first record", 0.2)
@@ -196,7 +129,7 @@ def test_killing_the_worker_mid_batch_then_rerunning_loses_and_duplicates_nothin
     before = s3_objects(cluster, "killed")
     assert first <= records(before) < {"e0", "e1", "e2", "e3"}
 
-    worker = start_worker(cluster, "worker-c")
+    worker = cluster.start_worker("worker-c")
     try:
         output = finish(imagic_run(cluster, manifest, "s3://batch/killed", tiny_dir))
     finally:
@@ -220,5 +153,5 @@ def _get(cluster, key: str) -> bytes:
 def s3_client(cluster):
     import boto3
 
-    return boto3.client("s3", endpoint_url=cluster["env"]["AWS_ENDPOINT_URL"], region_name="us-east-1",
+    return boto3.client("s3", endpoint_url=cluster.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                         aws_access_key_id="test-key", aws_secret_access_key="test-secret")
