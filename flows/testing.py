@@ -89,10 +89,16 @@ class LocalCluster:
                            str(limit), "--name", name], name)
 
 
-def stop(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    """A process and everything it started (a worker's flow-run processes)."""
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        return
-    process.wait(60)
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20) -> None:
+    """A process and everything it started (a worker's flow-run processes); SIGKILL after `grace` seconds."""
+    for signum in (sig, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    process.wait(10)
