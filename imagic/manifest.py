@@ -48,10 +48,14 @@ def _check_seeds(value: list[int] | None) -> list[int] | None:
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    etas: list[float] | None = None
-    seeds: list[int] | None = None
-    preset: str | None = None
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    # The schema keywords document the rules for readers of the JSON Schema; the validators enforce them
+    # with one message per field.
+    etas: list[float] | None = Field(None, json_schema_extra={
+        "items": {"type": "number", "minimum": ETA_MIN, "maximum": ETA_MAX}, "minItems": 1})
+    seeds: list[int] | None = Field(None, json_schema_extra={
+        "items": {"type": "integer", "minimum": 0}, "minItems": 1, "uniqueItems": True})
+    preset: str | None = Field(None, json_schema_extra={"examples": ["paper", "community", "fast"]})
+    overrides: dict[str, Any] = Field(default_factory=dict, description="EditConfig fields, e.g. finetune_steps")
 
     _etas = field_validator("etas")(_check_etas)
     _seeds = field_validator("seeds")(_check_seeds)

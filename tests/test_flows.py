@@ -21,11 +21,15 @@ def write_manifest(folder, tiny_dir):
     draw_scene().save(folder / "a.png")
     draw_scene((30, 200, 30)).save(folder / "b.png")
     (folder / "bad.png").write_text("no")
+    (folder / "cut.png").write_bytes((folder / "a.png").read_bytes()[:200])
     rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
             {"id": "a", "image": str(folder / "a.png"), "target_text": "a blue circle"},
             {"id": "b", "image": str(folder / "b.png"), "target_text": "a red circle"},
             {"id": "bad", "image": str(folder / "bad.png"), "target_text": "a red circle"},
-            {"id": "bad-eta", "image": str(folder / "a.png"), "target_text": "a red circle", "etas": [5]}]
+            {"id": "bad-eta", "image": str(folder / "a.png"), "target_text": "a red circle", "etas": [5]},
+            {"id": "cut", "image": str(folder / "cut.png"), "target_text": "a red circle"},
+            {"id": "gone", "image": str(folder / "gone.png"), "target_text": "a red circle"},
+            {"id": "web", "image": "http://127.0.0.1:9/x.png", "target_text": "a red circle"}]
     path = folder / "manifest.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -37,15 +41,16 @@ def test_bulk_edit_local_is_resumable(prefect, tmp_path, tiny_dir):
     manifest = write_manifest(tmp_path, tiny_dir)
     out = tmp_path / "out"
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
-    assert state.is_completed() and state.message == "2 succeeded, 2 failed, 0 skipped"
+    assert state.is_completed() and state.message == "2 succeeded, 5 failed, 0 skipped"
     report = json.loads(next(out.glob("_batches/*/report.json")).read_text())
-    assert {f["entry_id"]: f["reason"] for f in report["failures"]} == {"bad": "input_not_an_image",
-                                                                        "bad-eta": "invalid_entry"}
+    assert {f["entry_id"]: f["reason"] for f in report["failures"]} == {
+        "bad": "input_not_an_image", "bad-eta": "invalid_entry", "cut": "input_not_an_image",
+        "gone": "input_unreadable", "web": "input_unreadable"}
     assert "etas" in json.loads((out / "bad-eta" / "error.json").read_text())["error"]["message"]
     first = (out / "a" / "record.json").read_text()
 
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
-    assert state.message == "0 succeeded, 2 failed, 2 skipped"  # only the bad entries are tried again
+    assert state.message == "0 succeeded, 5 failed, 2 skipped"  # only the bad entries are tried again
     assert (out / "a" / "record.json").read_text() == first
 
 
@@ -81,12 +86,12 @@ def test_imagic_run_into_s3_then_status(prefect, tmp_path, tiny_dir, monkeypatch
         result = runner.invoke(app, ["run", str(manifest), "--output", "s3://outputs/batch-1",
                                      "--model", str(tiny_dir), "--chunk-size", "3"])
         assert result.exit_code == 0, result.output
-        assert "2 succeeded, 2 failed, 0 skipped" in " ".join(result.output.split())
+        assert "2 succeeded, 5 failed, 0 skipped" in " ".join(result.output.split())
         keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="outputs")["Contents"]}
         assert {"batch-1/a/record.json", "batch-1/b/contact_sheet.png", "batch-1/bad/error.json"} <= keys
         status = runner.invoke(app, ["status", "s3://outputs/batch-1"])
         assert status.exit_code == 0
-        assert "2 finished, 2 failed" in " ".join(status.output.split())
+        assert "2 finished, 5 failed" in " ".join(status.output.split())
     finally:
         server.stop()
 

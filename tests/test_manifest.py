@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,17 @@ def test_lenient_validation_rejects_only_the_bad_entries():
     assert [(r.line, r.id) for r in rejected] == [(2, "b"), (3, "invalid-line-3"), (4, "invalid-line-4")]
     assert rejected[0].problems == ["line 2: etas: must be a non-empty list of numbers in [0, 2]"]
     assert rejected[1].image == "c.png"
+
+
+def test_the_published_schema_is_current_and_checks_what_validation_checks():
+    import jsonschema
+
+    schema = json_schema()
+    published = Path(__file__).resolve().parents[1] / "docs" / "manifest.schema.json"
+    assert json.loads(published.read_text()) == schema, "regenerate: imagic manifest schema > docs/manifest.schema.json"
+    entry = jsonschema.Draft202012Validator(schema["entry"])
+    assert entry.is_valid({"image": "a.png", "target_text": "x", "etas": [0.5, 2.0], "seeds": [0, 1]})
+    for bad in ({"image": "a.png", "target_text": "x", "etas": [3]}, {"image": "a.png", "target_text": "x",
+                "etas": []}, {"image": "a.png", "target_text": "x", "seeds": [1, 1]}, {"image": "a.png"},
+                {"image": "a.png", "target_text": "x", "colour": "red"}):
+        assert not entry.is_valid(bad), bad
