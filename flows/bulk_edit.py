@@ -25,6 +25,7 @@ from imagic.manifest import Entry, ManifestError, detect_format, validate_manife
 from imagic.storage import StorageError, open_storage, read_uri
 
 EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
+DEFAULT_MODEL = "toy"
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -107,7 +108,7 @@ def bulk_edit(
     manifest_uri: str,
     output_uri: str,
     mode: Literal["local", "deployment"] = "local",
-    model: str = "toy",
+    model: str | None = None,
     preset: str | None = None,
     overrides: dict | None = None,
     chunk_size: int = 8,
@@ -129,6 +130,7 @@ def bulk_edit(
         raise ManifestError(file_problems + [p for r in rejected for p in r.problems])
     if rejected:
         logger.warning("%d invalid entries:\n%s", len(rejected), "\n".join(p for r in rejected for p in r.problems))
+    model = model or entries[0].model or DEFAULT_MODEL  # the run's, else the manifest's, else the toy model
     todo, done = plan_batch(entries, output_uri)
     batch_id = batch_id or hashlib.sha256(f"{manifest_uri}|{output_uri}".encode()).hexdigest()[:12]
     logger.info("%d entries: %d to do, %d already finished", len(entries), len(todo), len(done))

@@ -6,13 +6,19 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imagic import Editor, load_pipeline
+from imagic.models import ModelError
 from imagic.batch import RECORD_FILE, run_entry
 from imagic.manifest import Entry
 from imagic.model_store import local_model
 from imagic.storage import open_storage
 
 
-@task(retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O trouble, not a model that is missing or incomplete (retrying cannot fix that)."""
+    return not isinstance(state.result(raise_on_failure=False), ModelError)
+
+
+@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def load_editor(model: str, device: str = "auto") -> Editor:
     """Load the pipeline, syncing an s3:// model to the local cache first (retried: both are I/O)."""
     import torch

@@ -115,7 +115,8 @@ def run(
     manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder or s3://bucket/prefix.")],
     mode: Annotated[str, typer.Option(help="local (this process) or deployment (edit-chunk on a work pool).")] = "local",
-    model: Annotated[str, typer.Option(help="Model for every entry.")] = DEFAULT_MODEL,
+    model: Annotated[str | None, typer.Option(
+        help="Model for every entry [default: the manifest's defaults.model, else toy].")] = None,
     preset: Annotated[str | None, typer.Option(help="Override the manifest's presets.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE.")] = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Entries per worker run.")] = 8,

@@ -118,6 +118,7 @@ class Entry(BaseModel):
     seeds: tuple[int, ...]
     preset: str
     config: EditConfig
+    model: str | None = None  # the file's default model; a run's --model beats it
 
 
 def entry_id(image: str, target_text: str, config: EditConfig, etas, seeds) -> str:
@@ -218,7 +219,7 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
         return [f"line {line}: etas: must not repeat"]
     eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
     return Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas, seeds=seeds,
-                 preset=chosen_preset, config=config)
+                 preset=chosen_preset, config=config, model=defaults.model)
 
 
 def _messages(err: ValidationError, where: str) -> list[str]:

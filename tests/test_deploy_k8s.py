@@ -163,3 +163,14 @@ def test_a_prefect_server_accepts_each_template_as_a_work_pool(prefect, template
         pool = client.create_work_pool(WorkPoolCreate(name=name, type="kubernetes",
                                                       base_job_template=json.loads(template.read_text())))
     assert pool.base_job_template["variables"]["properties"]["gpu_count"]["type"] == "integer"
+
+
+def test_yaml_is_lint_clean():
+    from yamllint import linter
+    from yamllint.config import YamlLintConfig
+
+    config = YamlLintConfig(file=str(REPO / ".yamllint.yaml"))
+    files = sorted(K8S.rglob("*.yaml")) + [REPO / "prefect.yaml", REPO / ".yamllint.yaml"]
+    problems = [f"{path.relative_to(REPO)}:{p.line}: {p.message}" for path in files
+                for p in linter.run(path.read_text(), config, str(path))]
+    assert len(files) > 10 and not problems, "\n".join(problems)

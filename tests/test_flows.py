@@ -112,3 +112,17 @@ def test_augment_edits_each_image_times_template_once(prefect, tmp_path, tiny_di
     assert len(list((tmp_path / "out" / "_manifests").glob("augment-*.jsonl"))) == 1
     draw_scene((30, 30, 200)).save(dataset / "blue.png")  # the dataset grows: only the new image is edited
     assert augment(**args, return_state=True).message == "2 succeeded, 0 failed, 4 skipped"
+
+
+def test_the_manifest_default_model_is_used_unless_the_run_names_one(prefect, tmp_path, tiny_dir):
+    from flows.bulk_edit import bulk_edit
+
+    draw_scene().save(tmp_path / "a.png")
+    rows = [{"defaults": {"etas": [1.0], "overrides": QUICK, "model": str(tiny_dir)}},
+            {"id": "a", "image": str(tmp_path / "a.png"), "target_text": "a blue circle"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert bulk_edit(str(manifest), str(tmp_path / "out"), return_state=True).message.startswith("1 succeeded")
+    assert json.loads((tmp_path / "out" / "a" / "record.json").read_text())["model"] == str(tiny_dir)
+    with pytest.raises(Exception, match="no-such-model"):  # the run's --model beats the manifest's
+        bulk_edit(str(manifest), str(tmp_path / "out2"), model="/no-such-model")

@@ -103,6 +103,9 @@ def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, tin
                 "e0/artifacts/embeddings.safetensors", "missing/error.json"} <= set(objects)
         error = json.loads(_get(cluster, "full/missing/error.json"))["error"]
         assert error["reason"] == "input_unreadable" and "test-secret" not in json.dumps(error)
+        leaked = [k for k in objects if k.endswith(".json") and b"test-secret" in _get(cluster, f"full/{k}")]
+        leaked += [p.name for p in cluster.home.glob("*.log") if "test-secret" in p.read_text(errors="replace")]
+        assert not leaked  # no credentials in records, reports or the server's and worker's logs
         runs_after_first = chunk_runs(cluster)
         assert len(runs_after_first) == 4 and {state for _, state in runs_after_first} == {"COMPLETED"}
 
