@@ -87,9 +87,23 @@ def run_chunk_deployment(entries: list[Entry], output_uri: str, model: str, devi
     return len(entries)
 
 
+def check_deployment(deployment: str) -> None:
+    """Fail at once, saying what to do, when the chunk deployment is not registered (not after retries)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            raise ValueError(f"deployment {deployment!r} is not registered on {client.api_url}: register it with "
+                             "`prefect deploy --all` (prefect.yaml; docs/deploy.md), or use mode=local") from None
+
+
 def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str, device: str,
                          max_in_flight: int, deployment: str, on_done) -> None:
     """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
+    check_deployment(deployment)
     parent_run_id = str(prefect.runtime.flow_run.id)
     in_flight = []
     for entries in chunks:

@@ -126,3 +126,12 @@ def test_the_manifest_default_model_is_used_unless_the_run_names_one(prefect, tm
     assert json.loads((tmp_path / "out" / "a" / "record.json").read_text())["model"] == str(tiny_dir)
     with pytest.raises(Exception, match="no-such-model"):  # the run's --model beats the manifest's
         bulk_edit(str(manifest), str(tmp_path / "out2"), model="/no-such-model")
+
+
+def test_deployment_mode_without_the_chunk_deployment_says_how_to_register_it(prefect, tmp_path, tiny_dir):
+    from flows.bulk_edit import bulk_edit
+
+    manifest = write_manifest(tmp_path, tiny_dir)
+    with pytest.raises(ValueError, match="prefect deploy --all"):
+        bulk_edit(str(manifest), str(tmp_path / "out"), mode="deployment", model=str(tiny_dir))
+    assert not list((tmp_path / "out").glob("*/record.json"))
