@@ -35,7 +35,7 @@ def augment(
     seeds: list[int] | None = None,
     preset: str | None = "fast",
     overrides: dict | None = None,
-    model: str = "toy",
+    model: str | None = None,
     mode: Literal["local", "deployment"] = "deployment",
     chunk_size: int = 8,
     max_in_flight: int = 4,

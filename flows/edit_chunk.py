@@ -6,10 +6,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imagic import Editor, load_pipeline
-from imagic.models import ModelError
 from imagic.batch import RECORD_FILE, run_entry
 from imagic.manifest import Entry
 from imagic.model_store import local_model
+from imagic.models import ModelError
 from imagic.storage import open_storage
 
 

@@ -77,12 +77,11 @@ class LocalCluster:
         return subprocess.run([sys.executable, "-m", "prefect", *args], env=self.env, check=True,
                               capture_output=True, text=True).stdout
 
-    def spawn(self, args: list[str], log_name: str, module: bool = True, **popen) -> subprocess.Popen:
-        """A process in its own session (so `stop` takes its children too), logging to home/<log_name>.log."""
+    def spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+        """`python -m ARGS` in its own session (so `stop` takes its children too), logging to home/<log_name>.log."""
         log = open(self.home / f"{log_name}.log", "w")
-        command = [sys.executable, "-m", *args] if module else args
-        return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=REPO, **popen)
+        return subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=REPO)
 
     def start_worker(self, name: str, limit: int = 1) -> subprocess.Popen:
         return self.spawn(["prefect", "worker", "start", "--pool", self.pool, "--type", "process", "--limit",

@@ -38,11 +38,11 @@ def cluster(tmp_path_factory):
         moto.stop()
 
 
-def imagic_run(cluster, manifest: Path, output: str, tiny_dir, **popen) -> subprocess.Popen:
+def imagic_run(cluster, manifest: Path, output: str, tiny_dir) -> subprocess.Popen:
     args = [sys.executable, "-m", "imagic", "run", str(manifest), "--output", output, "--mode", "deployment",
             "--model", str(tiny_dir), "--chunk-size", "1", "--max-in-flight", "2"]
     return subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=REPO, **popen)
+                            text=True, start_new_session=True, cwd=REPO)
 
 
 def finish(process: subprocess.Popen, timeout: float = 400) -> str:
