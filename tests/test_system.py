@@ -21,21 +21,13 @@ QUICK = {"embedding_steps": 2, "finetune_steps": 2, "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """moto (S3 over HTTP) + prefect server + process work pool + the edit-chunk deployment."""
-    from moto.server import ThreadedMotoServer
-
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    s3_env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test-key",
-              "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
-    try:
-        with LocalCluster(tmp_path_factory.mktemp("prefect-home"), s3_env, pool=POOL) as cluster:
-            s3_client(cluster).create_bucket(Bucket="batch")
-            yield cluster
-    finally:
-        moto.stop()
+def cluster(tmp_path_factory, s3_endpoint):
+    """prefect server + process work pool + the edit-chunk deployment; S3 is conftest's moto server."""
+    s3_env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+              "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
+    with LocalCluster(tmp_path_factory.mktemp("prefect-home"), s3_env, pool=POOL) as cluster:
+        s3_client(cluster).create_bucket(Bucket="batch")
+        yield cluster
 
 
 def imagic_run(cluster, manifest: Path, output: str, tiny_dir) -> subprocess.Popen:
