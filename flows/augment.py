@@ -33,7 +33,7 @@ def augment(
     output_uri: str,
     etas: list[float] | None = None,
     seeds: list[int] | None = None,
-    preset: str | None = "fast",
+    preset: str | None = None,
     overrides: dict | None = None,
     model: str | None = None,
     mode: Literal["local", "deployment"] = "deployment",

@@ -190,7 +190,11 @@ def publish_report(report: dict, report_uri: str) -> None:
     lines = [f"# Batch `{report['batch_id']}`", "",
              f"**{counts['succeeded']} succeeded · {counts['failed']} failed · {counts['skipped']} skipped** "
              f"of {counts['total']} in {report['wall_seconds']:.0f} s (GPU-seconds {report['gpu_seconds']:.0f})",
-             "", f"Report: `{report_uri}`"]
+             f"{counts['selected']} with an output selected automatically · "
+             f"**{counts['needs_review']} need review**", "", f"Report: `{report_uri}`"]
+    if report["needs_review"]:
+        lines += ["", "| entry | needs review because |", "|---|---|"]
+        lines += [f"| {r['entry_id']} | {r['reason']} |" for r in report["needs_review"]]
     if report["failures"]:
         lines += ["", "| entry | line | reason | message |", "|---|---|---|---|"]
         lines += [f"| {f['entry_id']} | {f['line']} | {f['reason']} | {f['message'][:120]} |"

@@ -17,7 +17,7 @@ from imagic.images import ImageError, load_image
 from imagic.manifest import Entry, Rejected
 from imagic.model_store import model_sha256
 from imagic.record import edit_record
-from imagic.result import image_name, png_bytes
+from imagic.result import SELECTED_FILE, image_name, png_bytes
 from imagic.sheet import contact_sheet
 from imagic.storage import Storage, StorageError, read_uri
 
@@ -61,7 +61,9 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str,
         return _fail(store, entry, "invalid_request", str(err), started)
 
     files = result.to_files()
-    files[SHEET_FILE] = png_bytes(contact_sheet(result.input_image, result.images, title=entry.target_text))
+    files[SHEET_FILE] = png_bytes(
+        contact_sheet(result.input_image, result.images, title=entry.target_text, selection=result.selection)
+    )
     for name, data in files.items():  # outputs first …
         store.write_bytes(f"{entry.id}/{name}", data)
     record = edit_record(
@@ -73,6 +75,8 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str,
     record.update(entry_id=entry.id, manifest_line=entry.line, wall_seconds=time.perf_counter() - started)
     for item in record["outputs"]["images"]:
         item["uri"] = store.url_for(f"{entry.id}/{item['file']}")
+    if record["selection"] and record["selection"]["verdict"] == "selected":
+        record["selection"]["uri"] = store.url_for(f"{entry.id}/{record['selection']['file']}")
     if model == "toy":
         record["toy_metrics"] = toy_metrics(entry.target_text, result.images)
     # … the record last, and only once: a concurrent or repeated run never overwrites a finished entry.
@@ -121,15 +125,20 @@ def _fail(store: Storage, entry: Entry, reason: str, message: str, started: floa
 def batch_report(batch_id: str, records: list[dict], skipped: list[str], seconds: float) -> dict:
     """Counts, failures with reasons, and time, for dashboards (`report.json`)."""
     statuses = Counter(r["status"] for r in records)
+    rows = [_summary_row(r) for r in records]
+    verdicts = Counter(row.get("verdict") for row in rows if row["status"] == "succeeded")
     edit_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in records)
     gpu_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in records if "cuda" in r.get("device", ""))
     return {
         "schema_version": 1, "batch_id": batch_id,
         "counts": {"total": len(records) + len(skipped), "succeeded": statuses["succeeded"],
-                   "failed": statuses["failed"], "skipped": len(skipped) + statuses["already_done"]},
+                   "failed": statuses["failed"], "skipped": len(skipped) + statuses["already_done"],
+                   "selected": verdicts["selected"], "needs_review": verdicts["needs_review"]},
         "failures": [{"entry_id": r["entry_id"], "line": r["manifest_line"], **r["error"]}
                      for r in records if r["status"] == "failed"],
-        "entries": [_summary_row(r) for r in records],
+        "entries": rows,
+        "needs_review": [{"entry_id": row["entry_id"], "reason": row["review_reason"]}
+                         for row in rows if row.get("verdict") == "needs_review"],
         "skipped": skipped, "wall_seconds": seconds, "edit_seconds": edit_seconds, "gpu_seconds": gpu_seconds,
     }
 
@@ -140,9 +149,13 @@ def _summary_row(record: dict) -> dict:
     if record["status"] == "succeeded":
         row["etas"] = record["etas"]
         row["contact_sheet"] = record["outputs"]["contact_sheet"]
-        matches = [m for m in record.get("toy_metrics", []) if m["matches_target"]]
-        if matches:
-            row["best_eta"] = min(m["eta"] for m in matches)
+        selection = record.get("selection") or {}
+        row["verdict"] = selection.get("verdict", "not_scored")
+        if selection.get("verdict") == "selected":
+            row.update(selected_eta=selection["eta"], selected_seed=selection["seed"], selected=selection["uri"],
+                       edit_score=selection["scores"]["edit"], fidelity_score=selection["scores"]["fidelity"])
+        elif selection:
+            row["review_reason"] = selection["reason"]
     else:
         row["reason"] = record["error"]["reason"]
     return row
@@ -152,16 +165,24 @@ def report_html(report: dict) -> str:
     """A contact-sheet index page, next to report.json."""
     rows = []
     for row in report["entries"]:
+        entry = escape(row["entry_id"])
         if row["status"] == "succeeded":
-            cell = f'<img src="../../{escape(row["entry_id"])}/{SHEET_FILE}" height="160">'
+            cell = f'<img src="../../{entry}/{SHEET_FILE}" height="160">'
+            if row.get("verdict") == "selected":
+                choice = (f'<img src="../../{entry}/{SELECTED_FILE}" height="96" style="border:4px solid #0a3">'
+                          f'<br>η={row["selected_eta"]:g} seed={row["selected_seed"]}<br>'
+                          f'edit {row["edit_score"]:.3f} · fidelity {row["fidelity_score"]:.2f}')
+            else:
+                choice = f'<b>needs review</b><br>{escape(row.get("review_reason", row.get("verdict", "")))}'
         else:
-            cell = escape(row.get("reason", ""))
-        rows.append(f"<tr><td>{escape(row['entry_id'])}</td><td>{escape(row['status'])}</td>"
-                    f"<td>{row['seconds']}</td><td>{cell}</td></tr>")
+            cell, choice = escape(row.get("reason", "")), ""
+        rows.append(f"<tr><td>{entry}</td><td>{escape(row['status'])}</td>"
+                    f"<td>{row['seconds']}</td><td>{choice}</td><td>{cell}</td></tr>")
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
     return (f"<!doctype html><meta charset='utf-8'><title>{escape(report['batch_id'])}</title>"
             f"<h1>Batch {escape(report['batch_id'])}</h1><p>{counts}</p>"
-            "<table border=1 cellpadding=4><tr><th>entry</th><th>status</th><th>seconds</th><th>output</th></tr>"
+            "<table border=1 cellpadding=4><tr><th>entry</th><th>status</th><th>seconds</th><th>selected</th>"
+            "<th>contact sheet</th></tr>"
             + "".join(rows) + "</table>\n")
 
 

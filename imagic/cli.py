@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from imagic.batch import ERROR_FILE, RECORD_FILE, SHEET_FILE, entry_ids
-from imagic.config import DEFAULT_ETAS, DEFAULT_SEEDS, PRESETS, make_config
+from imagic.config import DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, PRESETS, make_config
 
 app = typer.Typer(help="Text-based editing of real images with diffusion models (Imagic).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -36,7 +36,7 @@ def edit(
     target: Annotated[str, typer.Option("--target", "-t", help="Target text: what the image should show.")],
     eta: EtaOption = None,
     seed: SeedOption = None,
-    preset: Annotated[str, typer.Option(help=f"One of: {', '.join(PRESETS)}.")] = "fast",
+    preset: Annotated[str, typer.Option(help=f"One of: {', '.join(PRESETS)}.")] = DEFAULT_PRESET,
     model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, or built-in toy / tiny.")] = (
         DEFAULT_MODEL
     ),
@@ -67,7 +67,7 @@ def edit(
             result = editor.edit(picture, target, config, etas, seeds, callback=progress)
         out.mkdir(parents=True, exist_ok=True)
         result.save(out)
-        contact_sheet(result.input_image, result.images, title=target).save(out / SHEET_FILE)
+        contact_sheet(result.input_image, result.images, title=target, selection=result.selection).save(out / SHEET_FILE)
         record = edit_record(
             result, input_uri=str(image), input_bytes=input_bytes, model=model,
             model_sha256=model_sha256(editor.pipeline.name_or_path), preset=preset,
@@ -77,6 +77,10 @@ def edit(
         LocalStorage(out).write_bytes(RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
     console.print(f"[green]done[/] in {record['seconds']['total']:.1f}s: {len(result.images)} images, "
                   f"contact sheet and record in {out}/")
+    if result.selection is not None and result.selection.verdict == "selected":
+        console.print(f"selected: η={result.selection.eta:g} seed={result.selection.seed} → {out}/selected.png")
+    elif result.selection is not None:
+        console.print(f"[yellow]needs review[/]: {result.selection.reason}")
 
 
 @app.command()

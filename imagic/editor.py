@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from imagic.anchoring import SourceAttention, ddim_invert, edit_mask, injected_self_attention
 from imagic.config import EditConfig, check_grid
 from imagic.images import fit_image
 from imagic.result import EditResult
+from imagic.scores import score_outputs
+from imagic.selection import select
 
 # (stage, step, total_steps, loss): how the engine reports progress without knowing who listens.
 ProgressCallback = Callable[[str, int, int, float], None]
@@ -77,11 +80,22 @@ class Editor:
             # 4. Stage B: fine-tune the model with e_opt fixed
             with stats.stage("finetune"):
                 delta, finetune_losses = self.finetune(latents, e_opt, config, generator, callback)
-            # 5. Stage C: interpolate and render
+            # 5. Stage C: interpolate and render (and η=0 once more: does the edit still hold the input?)
             with stats.stage("render"):
-                images = self.render(e_tgt, e_opt, etas, seeds, config)
+                check = [] if not config.score_outputs or 0.0 in etas else [0.0]
+                images = self.render(e_tgt, e_opt, [*etas, *check], seeds, config, latents)
         finally:
             self.restore()
+        # 6. Score every output with the base model, and choose one
+        scores, reconstruction, selection = {}, None, None
+        if config.score_outputs:
+            with stats.stage("score"):
+                scores = score_outputs(self, image, images, e_tgt, e_opt, config)
+                reconstruction = scores[(0.0, seeds[0])]["fidelity"]
+                for seed in seeds if check else []:  # the check image is not an output
+                    images.pop((0.0, seed))
+                    scores.pop((0.0, seed))
+                selection = select(scores, reconstruction, config)
 
         return EditResult(
             target_text=target_text,
@@ -94,6 +108,9 @@ class Editor:
             losses={"embedding": embedding_losses, "finetune": finetune_losses},
             seconds=stats.seconds,
             peak_memory_bytes=stats.peak_memory_bytes,
+            scores=scores,
+            reconstruction_fidelity=reconstruction,
+            selection=selection,
         )
 
     def render_result(
@@ -107,8 +124,11 @@ class Editor:
                 "re-run it with save_full_delta=True to render it again"
             )
         try:
+            latents = self.encode_image(result.input_image, result.config)
             self.apply_delta(result.delta, result.config)
-            return self.render(result.e_tgt.to(self.device), result.e_opt.to(self.device), etas, seeds, result.config)
+            return self.render(
+                result.e_tgt.to(self.device), result.e_opt.to(self.device), etas, seeds, result.config, latents
+            )
         finally:
             self.restore()
 
@@ -248,36 +268,104 @@ class Editor:
         etas: tuple[float, ...] | list[float],
         seeds: tuple[int, ...] | list[int],
         config: EditConfig,
+        latents: torch.Tensor | None = None,
     ) -> dict[tuple[float, int], Image.Image]:
         """Stage C: one image per (η, seed) of ē = η·e_tgt + (1−η)·e_opt, in batched guided DDIM calls.
 
-        A seed's start noise is drawn on the CPU from that seed alone, so it is the same for every η and
-        on every device.
+        `render_start="noise"` (the paper): each seed's start noise is drawn on the CPU from that seed
+        alone, the same for every η and on every device. `"inversion"`: every image starts from the DDIM
+        inversion of the input `latents` (see `imagic.anchoring`), so seeds only matter through
+        `inversion_noise`. The anchoring options act on the denoising steps in the order they run.
         """
-        uncond = self.encode_text("")  # (1, L, D)
+        # The negative branch of guidance: the empty text (the paper), or e_opt — the input itself, so that
+        # guidance pushes only along what the text changes (negative-prompt inversion, arXiv 2305.16807).
+        uncond = self.encode_text("") if config.negative_embedding == "empty" else e_opt  # (1, L, D)
         scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler.set_timesteps(config.num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
         shape = (1, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         start_noise = {seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds}
-        grid = [(float(eta), int(seed)) for seed in seeds for eta in etas]
+        if config.render_start == "inversion":
+            if latents is None:
+                raise ValueError("render_start='inversion' needs the input's latents")
+            steps = max(1, round(config.inversion_strength * len(timesteps)))
+            trajectory = ddim_invert(
+                lambda x, t: self.unet(x, t, encoder_hidden_states=e_opt).sample, latents, scheduler, steps
+            )
+            timesteps = timesteps[len(timesteps) - steps :]
+            mix = config.inversion_noise  # seeds perturb the inverted start, keeping its variance
+            start = {seed: (1 - mix**2) ** 0.5 * trajectory[-1].cpu() + mix * noise for seed, noise in start_noise.items()}
+        else:
+            start = {seed: noise * scheduler.init_noise_sigma for seed, noise in start_noise.items()}
 
+        base_state = None  # full fine-tune with a base unconditional branch: the base weights, on device once
+        if config.unconditional_model == "base" and self._unet_modified and not getattr(self.unet, "peft_config", None):
+            base_state = {k: v.to(self.device) for k, v in self._base_state().items()}
+        mask = None
+        if config.mask_threshold > 0:
+            mask = edit_mask(
+                lambda x, t, e: self.unet(x, t, encoder_hidden_states=e).sample, latents, self.noise_scheduler,
+                e_tgt, e_opt, torch.Generator().manual_seed(config.seed), threshold=config.mask_threshold,
+            )
         images = {}
-        for start in range(0, len(grid), config.render_batch_size):
-            chunk = grid[start : start + config.render_batch_size]
-            n = len(chunk)
-            cond = torch.cat([interpolate(e_tgt, e_opt, eta) for eta, _ in chunk])  # (n, L, D)
-            embeddings = torch.cat([uncond.expand(n, -1, -1), cond])  # (2n, L, D)
-            latents = torch.cat([start_noise[seed] for _, seed in chunk]).to(self.device)  # (n, C, h, w)
-            scheduler.set_timesteps(config.num_inference_steps, device=self.device)
-            latents = latents * scheduler.init_noise_sigma
-            for t in scheduler.timesteps:
-                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                with self._autocast(config):
-                    prediction = self.unet(model_input, t, encoder_hidden_states=embeddings).sample
-                uncond_pred, cond_pred = prediction.float().chunk(2)
-                guided = uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
-                latents = scheduler.step(guided, t, latents).prev_sample
-            images.update(zip(chunk, self.decode_latents(latents, config)))
+        with self._attention_injection(config) as injection:
+            for chunk in self._render_chunks(etas, seeds, config):
+                n = len(chunk)
+                injection.group_size = n
+                cond = torch.cat([interpolate(e_tgt, e_opt, max(eta, 0.0)) for eta, _ in chunk])  # (n, L, D)
+                x = torch.cat([start[seed] for _, seed in chunk]).to(self.device)  # (n, C, h, w)
+                for i, t in enumerate(timesteps):
+                    progress = i / len(timesteps)
+                    injection.active = progress < config.attention_injection
+                    step_cond = e_opt.expand(n, -1, -1) if progress < config.anchor_fraction else cond
+                    guided = self._guided_prediction(x, t, step_cond, uncond.expand(n, -1, -1), config, base_state)
+                    x = scheduler.step(guided, t, x).prev_sample
+                    if mask is not None:  # outside the edit mask, the input's own trajectory
+                        x = mask * x + (1 - mask) * trajectory[len(timesteps) - i - 1]
+                images.update((key, image) for key, image in zip(chunk, self.decode_latents(x, config)) if key[0] >= 0)
         return images
+
+    def _render_chunks(self, etas, seeds, config: EditConfig) -> list[list[tuple[float, int]]]:
+        """(η, seed) groups rendered in one batch. With attention injection each group is one seed's and
+        starts with its source branch (η = 0 at e_opt, keyed η = −1: rendered, not returned)."""
+        grid = [(float(eta), int(seed)) for seed in seeds for eta in etas]
+        if config.attention_injection == 0:
+            size = config.render_batch_size
+            return [grid[i : i + size] for i in range(0, len(grid), size)]
+        size = max(1, config.render_batch_size - 1)
+        chunks = []
+        for seed in seeds:
+            own = [key for key in grid if key[1] == seed]
+            chunks += [[(-1.0, int(seed)), *own[i : i + size]] for i in range(0, len(own), size)]
+        return chunks
+
+    def _guided_prediction(self, x, t, cond, uncond, config: EditConfig, base_state=None) -> torch.Tensor:
+        """Classifier-free guidance; the unconditional branch from the fine-tuned or the base UNet."""
+        with self._autocast(config):
+            if config.unconditional_model == "finetuned":
+                both = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                uncond_pred, cond_pred = both.float().chunk(2)
+            else:
+                cond_pred = self.unet(x, t, encoder_hidden_states=cond).sample.float()
+                uncond_pred = self._base_prediction(x, t, uncond, base_state).float()
+        return uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
+
+    def _base_prediction(self, x, t, embedding, base_state) -> torch.Tensor:
+        """The UNet's output as it was before this edit's fine-tune (LoRA off, or the base weights)."""
+        if getattr(self.unet, "peft_config", None):
+            self.unet.disable_adapters()
+            try:
+                return self.unet(x, t, encoder_hidden_states=embedding).sample
+            finally:
+                self.unet.enable_adapters()
+        if base_state is None:  # nothing was fine-tuned
+            return self.unet(x, t, encoder_hidden_states=embedding).sample
+        return torch.func.functional_call(self.unet, base_state, (x, t), {"encoder_hidden_states": embedding}).sample
+
+    def _attention_injection(self, config: EditConfig):
+        if config.attention_injection == 0:
+            return contextlib.nullcontext(SourceAttention())  # inert: never active
+        return injected_self_attention(self.unet)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, config: EditConfig) -> list[Image.Image]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from imagic.config import DEFAULT_ETAS, DEFAULT_SEEDS, ETA_MAX, ETA_MIN, EditConfig, make_config
+from imagic.config import DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, ETA_MAX, ETA_MIN, PRESETS, EditConfig, make_config
 
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -54,7 +54,7 @@ class _Common(BaseModel):
         "items": {"type": "number", "minimum": ETA_MIN, "maximum": ETA_MAX}, "minItems": 1})
     seeds: list[int] | None = Field(None, json_schema_extra={
         "items": {"type": "integer", "minimum": 0}, "minItems": 1, "uniqueItems": True})
-    preset: str | None = Field(None, json_schema_extra={"examples": ["paper", "community", "fast"]})
+    preset: str | None = Field(None, json_schema_extra={"examples": list(PRESETS)})
     overrides: dict[str, Any] = Field(default_factory=dict, description="EditConfig fields, e.g. finetune_steps")
 
     _etas = field_validator("etas")(_check_etas)
@@ -147,7 +147,7 @@ class Rejected(BaseModel):
 
 
 def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
-                      default_preset: str = "fast") -> tuple[list[Entry], list[Rejected], list[str]]:
+                      default_preset: str = DEFAULT_PRESET) -> tuple[list[Entry], list[Rejected], list[str]]:
     """(valid entries, rejected entries, file-level problems). `preset`/`overrides` beat the file's own."""
     file_problems: list[str] = []
     line_problems: dict[int, list[str]] = {}
@@ -188,7 +188,7 @@ def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, over
 
 
 def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
-                   default_preset: str = "fast") -> list[Entry]:
+                   default_preset: str = DEFAULT_PRESET) -> list[Entry]:
     """Validate a whole manifest strictly: any problem raises ManifestError listing all of them."""
     entries, rejected, file_problems = validate_manifest(text, fmt, preset=preset, overrides=overrides,
                                                          default_preset=default_preset)

@@ -7,7 +7,7 @@ import platform
 from datetime import datetime, timezone
 from importlib import metadata
 
-from imagic.result import EditResult, image_name
+from imagic.result import SELECTED_FILE, EditResult, image_name
 
 SCHEMA_VERSION = 1
 _PACKAGES = ("imagic-batch", "torch", "diffusers", "transformers", "peft", "safetensors")
@@ -55,12 +55,27 @@ def edit_record(
         "outputs": {
             **outputs,
             "images": [
-                {"eta": eta, "seed": seed, "file": image_name(eta, seed)} for eta, seed in sorted(result.images)
+                {"eta": eta, "seed": seed, "file": image_name(eta, seed), **result.scores.get((eta, seed), {})}
+                for eta, seed in sorted(result.images)
             ],
         },
+        # Scores (imagic/scores.py) and the automatic choice (imagic/selection.py).
+        "reconstruction_fidelity": result.reconstruction_fidelity,
+        "selection": _selection(result),
         "losses": result.losses,
         "seconds": {**result.seconds, "total": sum(result.seconds.values())},
         "peak_memory_bytes": result.peak_memory_bytes,
         "device": device,
         "versions": versions(),
     }
+
+
+def _selection(result: EditResult) -> dict | None:
+    if result.selection is None:
+        return None
+    selection = result.selection.to_json()
+    if result.selection.verdict == "selected":
+        selection["file"] = SELECTED_FILE
+        selection["source_file"] = image_name(result.selection.eta, result.selection.seed)
+        selection["scores"] = result.scores[(result.selection.eta, result.selection.seed)]
+    return selection

@@ -13,12 +13,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from imagic.config import EditConfig
+from imagic.selection import Selection
 
 ARTIFACTS = "artifacts"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 DELTA_FILE = "delta.safetensors"
 EDIT_FILE = "edit.json"
 INPUT_FILE = "input.png"
+SELECTED_FILE = "selected.png"
 
 
 def image_name(eta: float, seed: int) -> str:
@@ -39,6 +41,9 @@ class EditResult:
     losses: dict[str, list[float]] = field(default_factory=dict)  # stage → per-step loss
     seconds: dict[str, float] = field(default_factory=dict)  # stage → wall seconds
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+    scores: dict[tuple[float, int], dict] = field(default_factory=dict)  # (η, seed) → {"edit", "fidelity"}
+    reconstruction_fidelity: float | None = None  # fidelity of the η=0 render to the input
+    selection: Selection | None = None
 
     @property
     def etas(self) -> list[float]:
@@ -60,6 +65,9 @@ class EditResult:
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
             "has_delta": self.delta is not None,
+            "scores": [{"eta": eta, "seed": seed, **s} for (eta, seed), s in sorted(self.scores.items())],
+            "reconstruction_fidelity": self.reconstruction_fidelity,
+            "selection": self.selection.to_json() if self.selection else None,
         }
 
     def to_files(self) -> dict[str, bytes]:
@@ -67,6 +75,8 @@ class EditResult:
         files = {INPUT_FILE: png_bytes(self.input_image)}
         for (eta, seed), image in sorted(self.images.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             files[image_name(eta, seed)] = png_bytes(image)
+        if self.selection is not None and self.selection.verdict == "selected":
+            files[SELECTED_FILE] = png_bytes(self.images[(self.selection.eta, self.selection.seed)])
         tensors = {"e_tgt": self.e_tgt.contiguous(), "e_opt": self.e_opt.contiguous()}
         files[f"{ARTIFACTS}/{EMBEDDINGS_FILE}"] = save_tensors(tensors)
         if self.delta is not None:
@@ -110,6 +120,10 @@ class EditResult:
             losses=summary["losses"],
             seconds=summary["seconds"],
             peak_memory_bytes=summary["peak_memory_bytes"],
+            scores={(s["eta"], s["seed"]): {"edit": s["edit"], "fidelity": s["fidelity"]}
+                    for s in summary.get("scores", [])},
+            reconstruction_fidelity=summary.get("reconstruction_fidelity"),
+            selection=Selection(**summary["selection"]) if summary.get("selection") else None,
         )
 
 

@@ -9,12 +9,16 @@ from PIL import Image, ImageDraw, ImageFont
 MIN_CELL = 160  # small models draw 32 px images: scale them up so a person can see them
 LABEL_HEIGHT = 20
 PAD = 8
+SELECTED_COLOUR = (0, 170, 60)
 
 
 def contact_sheet(
-    input_image: Image.Image, images: dict[tuple[float, int], Image.Image], title: str = ""
+    input_image: Image.Image, images: dict[tuple[float, int], Image.Image], title: str = "", selection=None
 ) -> Image.Image:
-    """Grid of `images` keyed by (η, seed), the input at the top left, `title` above."""
+    """Grid of `images` keyed by (η, seed), the input at the top left, `title` above; the selected output
+    (an `imagic.selection.Selection`) framed in green, or the needs-review reason under the title."""
+    if selection is not None and selection.verdict != "selected":
+        title = f"{title}  [needs review: {selection.reason}]" if title else f"[needs review: {selection.reason}]"
     etas = sorted({eta for eta, _ in images})
     seeds = sorted({seed for _, seed in images})
     cell = max(MIN_CELL, input_image.width)
@@ -40,5 +44,9 @@ def contact_sheet(
     for row, seed in enumerate(seeds):
         for column, eta in enumerate(etas, start=1):
             if (eta, seed) in images:
-                put(images[(eta, seed)], column, row, f"eta={eta:g}  seed={seed}")
+                chosen = selection is not None and (selection.eta, selection.seed) == (eta, seed)
+                put(images[(eta, seed)], column, row, f"eta={eta:g}  seed={seed}" + ("  SELECTED" if chosen else ""))
+                if chosen:
+                    x, y = PAD + column * (cell + PAD), header + PAD + row * (cell + LABEL_HEIGHT + PAD)
+                    draw.rectangle((x - 4, y - 4, x + cell + 3, y + cell + 3), outline=SELECTED_COLOUR, width=4)
     return sheet

@@ -30,6 +30,14 @@ def editor(tiny_dir):
     return Editor(load_pipeline(str(tiny_dir)))
 
 
+@pytest.fixture(scope="session")
+def toy_editor():
+    """The shipped toy model (CPU, a second to load)."""
+    from imagic import load_pipeline
+
+    return Editor(load_pipeline("toy"))
+
+
 @pytest.fixture
 def quick_config():
     """Few steps of everything: for plumbing, not quality."""

@@ -53,7 +53,9 @@ def test_good_entries_finish_and_bad_ones_get_error_records(editor, inputs, tmp_
     assert [e.id for e in done] == ["good"] and len(todo) == 4  # failed entries are retried on re-run
 
     report = batch_report("b1", list(records.values()), skipped=[], seconds=1.0)
-    assert report["counts"] == {"total": 5, "succeeded": 1, "failed": 4, "skipped": 0}
+    assert report["counts"] == {"total": 5, "succeeded": 1, "failed": 4, "skipped": 0,
+                                "selected": int(records["good"]["selection"]["verdict"] == "selected"),
+                                "needs_review": int(records["good"]["selection"]["verdict"] == "needs_review")}
     assert {f["reason"] for f in report["failures"]} == {"input_not_an_image", "input_unreadable"}
     write_report(store, report)
     assert "good/contact_sheet.png" in report_html(report)
@@ -71,3 +73,33 @@ def test_a_finished_record_is_never_overwritten(editor, inputs, tmp_path):
 
 def test_chunking():
     assert [len(c) for c in chunk(list(range(7)), 3)] == [3, 3, 1]
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_record_sheet_and_index_carry_the_selection(editor, inputs, tmp_path, accept):
+    """Thresholds that every output passes (or none does) make the verdict known in advance."""
+    threshold = -1.0 if accept else 1.0
+    rows = [{"defaults": {"etas": [0.8, 1.0], "overrides": {**QUICK, "select_min_edit": threshold,
+                                                            "select_min_fidelity": threshold,
+                                                            "select_min_reconstruction": -1.0}}},
+            {"id": "good", "image": str(inputs / "good.png"), "target_text": "a blue circle"}]
+    [entry] = parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")
+    store = LocalStorage(tmp_path / "out")
+    record = run_entry(editor, entry, store, model="tiny")
+    assert all({"edit", "fidelity"} <= set(item) for item in record["outputs"]["images"])
+    assert 0.0 not in [item["eta"] for item in record["outputs"]["images"]]  # the η=0 check is not an output
+    assert isinstance(record["reconstruction_fidelity"], float)
+    selection = record["selection"]
+    report = batch_report("b2", [record], skipped=[], seconds=1.0)
+    html = report_html(report)
+    if accept:
+        assert selection["verdict"] == "selected" and selection["eta"] in (0.8, 1.0)
+        source = store.read_bytes(f"good/{selection['source_file']}")
+        assert store.read_bytes("good/selected.png") == source
+        assert report["counts"]["selected"] == 1 and report["entries"][0]["selected_eta"] == selection["eta"]
+        assert "good/selected.png" in html
+    else:
+        assert selection["verdict"] == "needs_review" and "edits enough" in selection["reason"]
+        assert not store.exists("good/selected.png")
+        assert report["needs_review"] == [{"entry_id": "good", "reason": selection["reason"]}]
+        assert "needs review" in html

@@ -12,11 +12,6 @@ from imagic.toy import Scene, measure, parse_caption, render
 MODEL_DIR = Path(__file__).parent.parent / "imagic" / "toy" / "model"
 
 
-@pytest.fixture(scope="module")
-def toy_editor():
-    return Editor(load_pipeline("toy"))
-
-
 def test_toy_loads_through_the_public_loader(toy_editor):
     pipeline = toy_editor.pipeline
     assert type(pipeline.unet).__name__ == "UNet2DConditionModel"
