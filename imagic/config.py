@@ -62,6 +62,7 @@ class EditConfig(BaseModel):
     )
     # Scores and the automatic choice (imagic/scores.py, imagic/selection.py).
     score_outputs: bool = Field(True, description="Score every output (edit, fidelity) and select one.")
+    clip_model: str | None = Field(None, description="CLIP hub id or directory: adds clip scores (optional).")
     select_min_edit: float = Field(0.1, description="Least edit score a selected output has.")
     select_min_fidelity: float = Field(0.6, description="Least fidelity score a selected output has.")
     select_min_reconstruction: float = Field(0.8, description="Least fidelity of the η=0 render to the input.")

@@ -90,7 +90,7 @@ class Editor:
         scores, reconstruction, selection = {}, None, None
         if config.score_outputs:
             with stats.stage("score"):
-                scores = score_outputs(self, image, images, e_tgt, e_opt, config)
+                scores = score_outputs(self, image, images, e_tgt, e_opt, config, target_text)
                 reconstruction = scores[(0.0, seeds[0])]["fidelity"]
                 for seed in seeds if check else []:  # the check image is not an output
                     images.pop((0.0, seed))

@@ -11,12 +11,20 @@
 
 Both are deterministic for a given config seed and validated against the toy oracle in
 `benchmarks/toy_edits.py` (ROC AUC, README).
+
+Optional, when the config names a CLIP model (`clip_model`: hub id or local directory, loaded once per
+process): **clip**, the cosine similarity of the output's and the target text's CLIP embeddings, and
+**clip_input**, the same for the output and the input image (the paper's Fig. 9 axes: CLIP score for
+editability, an image similarity for fidelity; LPIPS is not offered: its weights are not on a hub).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 CLASSIFIER_DRAWS = 16  # (noise, timestep) pairs shared by every image of an edit
@@ -77,16 +85,45 @@ def structure_similarity(a: Image.Image, b: Image.Image, size: int = 64) -> floa
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-def score_outputs(editor, input_image, images: dict, e_tgt, e_opt, config) -> dict[tuple[float, int], dict]:
+def score_outputs(editor, input_image, images: dict, e_tgt, e_opt, config,
+                  target_text: str = "") -> dict[tuple[float, int], dict]:
     """{(η, seed): {"edit": …, "fidelity": …}} for every output, with the editor's base weights in place."""
     keys = sorted(images)
     pictures = [input_image] + [images[k] for k in keys]
     latents = torch.cat([editor.encode_image(p, config) for p in pictures])
     margins = text_margins(editor, latents, e_tgt.to(editor.device), e_opt.to(editor.device), config.seed).cpu()
-    return {
+    scores = {
         key: {
             "edit": round(float(margins[i + 1] - margins[0]), 6),
             "fidelity": round(structure_similarity(input_image, images[key]), 5),
         }
         for i, key in enumerate(keys)
     }
+    if config.clip_model:
+        clip = clip_scores(config.clip_model, target_text, input_image, [images[k] for k in keys])
+        for key, (text_score, image_score) in zip(keys, clip):
+            scores[key].update(clip=round(text_score, 5), clip_input=round(image_score, 5))
+    return scores
+
+
+@functools.lru_cache(maxsize=2)
+def _clip(name: str):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(name, use_safetensors=True).eval(), CLIPProcessor.from_pretrained(name)
+
+
+@torch.no_grad()
+def clip_scores(name: str, text: str, input_image: Image.Image, outputs: list[Image.Image]) -> list[tuple[float, float]]:
+    """[(cos(output, text), cos(output, input))] with the CLIP model `name`."""
+    model, processor = _clip(name)
+    pixels = processor(images=[input_image, *outputs], return_tensors="pt")["pixel_values"]
+    tokens = processor(text=[text], return_tensors="pt", padding=True)
+    images = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+    texts = F.normalize(_features(model.get_text_features(**tokens)), dim=-1)
+    return [(float(image @ texts[0]), float(image @ images[0])) for image in images[1:]]
+
+
+def _features(output) -> torch.Tensor:
+    # transformers ≥ 5 may return a model output rather than the projected tensor.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output

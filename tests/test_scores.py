@@ -51,3 +51,32 @@ def test_edit_score_ranks_a_text_match_above_a_mismatch_on_the_toy_model(toy_edi
     scores = score_outputs(editor, inputs, {(1.0, 0): wanted}, e_tgt, e_src, config)
     assert scores[(1.0, 0)]["edit"] > 0.1
     assert scores[(1.0, 0)]["fidelity"] > 0.8
+
+
+def test_optional_clip_scores_with_a_tiny_clip_built_in_code(editor, scene, quick_config, tmp_path):
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from imagic.tiny import make_clip_tokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=1000, max_position_embeddings=32),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer = make_clip_tokenizer(("blue", "circle", "red"))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path)
+
+    with_clip = quick_config(clip_model=str(tmp_path))
+    e = editor.encode_text("a blue circle")
+    images = {(1.0, 0): draw_scene((30, 30, 200)), (0.5, 0): scene}
+    scores = score_outputs(editor, scene, images, e, e, with_clip, "a blue circle")
+    assert all(-1 <= s["clip"] <= 1 and -1 <= s["clip_input"] <= 1 for s in scores.values())
+    assert scores[(0.5, 0)]["clip_input"] > 0.999  # the input compared with itself
+    assert scores[(1.0, 0)]["clip"] != scores[(0.5, 0)]["clip"]
+    assert "clip" not in score_outputs(editor, scene, images, e, e, quick_config(), "a blue circle")[(1.0, 0)]
