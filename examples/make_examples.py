@@ -25,7 +25,7 @@ def main() -> None:
         color, shape, _, background, _ = target.split()[1:]
         entries.append({"id": f"{scene.color}-{scene.shape}-on-{scene.background}-to-{color}-{shape}-on-{background}",
                         "image": f"examples/toy/{name}", "source_text": caption(scene), "target_text": target,
-                        "etas": [0.6, 0.7, 0.8, 0.9, 1.0], "seeds": [0, 1]})
+                        "etas": [1.0, 1.2, 1.4, 1.6, 1.8, 2.0], "seeds": [0]})
     with open(HERE / "manifest.jsonl", "w") as f:
         f.writelines(json.dumps(entry) + "\n" for entry in entries)
 

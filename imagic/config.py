@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # η interpolates e_tgt (η=1) and e_opt (η=0); peers extrapolate a little past 1 (~1.2).
 ETA_MIN, ETA_MAX = 0.0, 2.0
-DEFAULT_ETAS = (0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_ETAS = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # wide: the selection picks (README, toy benchmark)
 DEFAULT_SEEDS = (0,)
 LORA_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # peft wraps Conv2d too: the ResNet convolutions and the transformer blocks' in/out projections.
@@ -63,8 +63,8 @@ class EditConfig(BaseModel):
     # Scores and the automatic choice (imagic/scores.py, imagic/selection.py).
     score_outputs: bool = Field(True, description="Score every output (edit, fidelity) and select one.")
     clip_model: str | None = Field(None, description="CLIP hub id or directory: adds clip scores (optional).")
-    select_min_edit: float = Field(0.1, description="Least edit score a selected output has.")
-    select_min_fidelity: float = Field(0.6, description="Least fidelity score a selected output has.")
+    select_min_edit: float = Field(0.55, description="Least edit score a selected output has.")
+    select_min_fidelity: float = Field(0.9, description="Least fidelity score a selected output has.")
     select_min_reconstruction: float = Field(0.8, description="Least fidelity of the η=0 render to the input.")
     # Devices and precision.
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

@@ -213,7 +213,7 @@ def test_text_longer_than_the_model_takes_is_an_error(editor):
 
 def test_result_reports_timings_memory_and_losses(editor, scene, quick_config):
     result = editor.edit(scene, "a blue circle", quick_config(), etas=[0.5, 1.0], seeds=[0])
-    assert set(result.seconds) == {"encode", "embedding", "finetune", "render"}
+    assert set(result.seconds) == {"encode", "embedding", "finetune", "render", "score"}
     assert all(s > 0 for s in result.seconds.values())
     assert all(b > 10_000_000 for b in result.peak_memory_bytes.values())
     assert result.input_image.size == (editor.resolution, editor.resolution)
