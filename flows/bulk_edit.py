@@ -169,7 +169,9 @@ def bulk_edit(
 
     # 3. Report
     records = reject(open_storage(output_uri), rejected) + collect_records(todo, output_uri)
-    report = batch_report(batch_id, records, skipped=[e.id for e in done], seconds=time.perf_counter() - started)
+    # Entries finished by an earlier run are in the report too: a re-run's index shows the whole batch.
+    report = batch_report(batch_id, records, skipped=[e.id for e in done], seconds=time.perf_counter() - started,
+                          earlier=collect_records(done, output_uri))
     report_uri = write_report(open_storage(output_uri), report)
     publish_report(report, report_uri)
     return final_state(report)

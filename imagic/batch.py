@@ -122,11 +122,14 @@ def _fail(store: Storage, entry: Entry, reason: str, message: str, started: floa
     return record
 
 
-def batch_report(batch_id: str, records: list[dict], skipped: list[str], seconds: float) -> dict:
-    """Counts, failures with reasons, and time, for dashboards (`report.json`)."""
+def batch_report(batch_id: str, records: list[dict], skipped: list[str], seconds: float,
+                 earlier: list[dict] | None = None) -> dict:
+    """Counts, failures with reasons, and time, for dashboards (`report.json`). `records` are this run's;
+    `earlier` the records of entries finished before it (listed with status `finished_before`)."""
     statuses = Counter(r["status"] for r in records)
     rows = [_summary_row(r) for r in records]
-    verdicts = Counter(row.get("verdict") for row in rows if row["status"] == "succeeded")
+    rows += [{**_summary_row(r), "status": "finished_before"} for r in earlier or []]
+    verdicts = Counter(row.get("verdict") for row in rows if row["status"] in ("succeeded", "finished_before"))
     edit_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in records)
     gpu_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in records if "cuda" in r.get("device", ""))
     return {
@@ -146,7 +149,7 @@ def batch_report(batch_id: str, records: list[dict], skipped: list[str], seconds
 def _summary_row(record: dict) -> dict:
     row = {"entry_id": record["entry_id"], "status": record["status"],
            "seconds": round(record.get("wall_seconds", 0.0), 2)}
-    if record["status"] == "succeeded":
+    if record["status"] in ("succeeded", "already_done"):
         row["etas"] = record["etas"]
         row["contact_sheet"] = record["outputs"]["contact_sheet"]
         selection = record.get("selection") or {}
@@ -166,7 +169,7 @@ def report_html(report: dict) -> str:
     rows = []
     for row in report["entries"]:
         entry = escape(row["entry_id"])
-        if row["status"] == "succeeded":
+        if row["status"] in ("succeeded", "finished_before"):
             cell = f'<img src="../../{entry}/{SHEET_FILE}" height="160">'
             if row.get("verdict") == "selected":
                 choice = (f'<img src="../../{entry}/{SELECTED_FILE}" height="96" style="border:4px solid #0a3">'

@@ -1,6 +1,7 @@
 """The flows under Prefect's test harness (a real temporary API server), local mode, tiny model."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -52,6 +53,11 @@ def test_bulk_edit_local_is_resumable(prefect, tmp_path, tiny_dir):
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
     assert state.message == "0 succeeded, 5 failed, 2 skipped"  # only the bad entries are tried again
     assert (out / "a" / "record.json").read_text() == first
+    # The re-run's report and index still show every entry: 2 finished before, 5 failed again.
+    report = json.loads(next(out.glob("_batches/*/report.json")).read_text())
+    assert Counter(r["status"] for r in report["entries"]) == {"finished_before": 2, "failed": 5}
+    index = next(out.glob("_batches/*/index.html")).read_text()
+    assert index.count("contact_sheet.png") == 2
 
 
 def test_invalid_manifest_fails_before_any_work(prefect, tmp_path):
