@@ -32,7 +32,7 @@ def select(scores: dict[tuple[float, int], dict], reconstruction_fidelity: float
         return Selection("needs_review", reason="the outputs were not scored")
     if reconstruction_fidelity is not None and reconstruction_fidelity < config.select_min_reconstruction:
         return Selection("needs_review", reason=(
-            f"η=0 does not reproduce the input (fidelity {reconstruction_fidelity:.2f} < "
+            f"η=0 does not reproduce the input (fidelity {reconstruction_fidelity:.3f} < "
             f"{config.select_min_reconstruction}): the fine-tune did not learn this image"))
     edits = {k: s for k, s in scores.items() if s["edit"] >= config.select_min_edit}
     if not edits:
@@ -43,7 +43,7 @@ def select(scores: dict[tuple[float, int], dict], reconstruction_fidelity: float
     if not kept:
         best = max(s["fidelity"] for s in edits.values())
         return Selection("needs_review", reason=(
-            f"no output edits enough without losing the input (best fidelity among edits {best:.2f} < "
+            f"no output edits enough without losing the input (best fidelity among edits {best:.3f} < "
             f"{config.select_min_fidelity})"))
     (eta, seed), _ = min(kept.items(), key=lambda kv: (-(kv[1]["edit"] + kv[1]["fidelity"]), kv[0][0], kv[0][1]))
     return Selection("selected", eta=eta, seed=seed)
