@@ -17,7 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
 from flows.edit_chunk import load_editor, run_chunk
 from imagic.batch import ERROR_FILE, RECORD_FILE, batch_report, chunk, plan, reject, write_report
@@ -26,6 +26,8 @@ from imagic.storage import StorageError, open_storage, read_uri
 
 EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
 DEFAULT_MODEL = "toy"
+# Above this share of the manifest's entries failing, the flow run ends Failed so that automations alert.
+MAX_FAILURE_FRACTION = 0.5
 
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
@@ -130,6 +132,7 @@ def bulk_edit(
     device: str = "auto",
     batch_id: str | None = None,
     deployment: str = EDIT_CHUNK_DEPLOYMENT,
+    max_failure_fraction: float = MAX_FAILURE_FRACTION,
 ):
     """Edit every entry of a manifest into `output_uri`; resumable, with a report for dashboards."""
     logger = get_run_logger()
@@ -174,14 +177,19 @@ def bulk_edit(
                           earlier=collect_records(done, output_uri))
     report_uri = write_report(open_storage(output_uri), report)
     publish_report(report, report_uri)
-    return final_state(report)
+    return final_state(report, max_failure_fraction)
 
 
-def final_state(report: dict) -> State:
-    """The final state dashboards show: counts in the message, the report as the result."""
+def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION) -> State:
+    """The final state dashboards show: counts in the message, the report as the result; Failed when more
+    than `max_failure_fraction` of the manifest's entries failed in this run."""
     counts = report["counts"]
-    return Completed(message=f"{counts['succeeded']} succeeded, {counts['failed']} failed, "
-                             f"{counts['skipped']} skipped", data=report)
+    message = f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped"
+    fraction = counts["failed"] / max(1, counts["total"])
+    if fraction > max_failure_fraction:
+        return Failed(message=f"{message}: {counts['failed']} of {counts['total']} entries failed "
+                              f"({fraction:.0%} > max_failure_fraction {max_failure_fraction:g})", data=report)
+    return Completed(message=message, data=report)
 
 
 def publish_report(report: dict, report_uri: str) -> None:

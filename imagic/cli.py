@@ -126,6 +126,8 @@ def run(
     chunk_size: Annotated[int, typer.Option(min=1, help="Entries per worker run.")] = 8,
     max_in_flight: Annotated[int, typer.Option(min=1, help="Chunks running at once (deployment mode).")] = 4,
     device: DeviceOption = "auto",
+    max_failure_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Above this share of failed entries the batch ends Failed (exit 1).")] = 0.5,
 ) -> None:
     """Edit every entry of a manifest with Prefect (resumable: finished entries are skipped).
 
@@ -140,7 +142,7 @@ def run(
         with _batch_progress(manifest, output, preset, overrides):
             state = bulk_edit(manifest, output, mode=mode, model=model, preset=preset, overrides=overrides,
                               chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
-                              return_state=True)
+                              max_failure_fraction=max_failure_fraction, return_state=True)
     if not state.is_completed():
         console.print(f"[red]batch {state.name.lower()}:[/] {escape(str(state.message))}", soft_wrap=True)
         raise typer.Exit(1)

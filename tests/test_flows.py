@@ -42,7 +42,8 @@ def test_bulk_edit_local_is_resumable(prefect, tmp_path, tiny_dir):
     manifest = write_manifest(tmp_path, tiny_dir)
     out = tmp_path / "out"
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
-    assert state.is_completed() and state.message == "2 succeeded, 5 failed, 0 skipped"
+    # 5 of 7 failed: above the default max_failure_fraction (0.5), so the run ends Failed for alerting.
+    assert state.is_failed() and state.message.startswith("2 succeeded, 5 failed, 0 skipped: 5 of 7 entries failed")
     report = json.loads(next(out.glob("_batches/*/report.json")).read_text())
     assert {f["entry_id"]: f["reason"] for f in report["failures"]} == {
         "bad": "input_not_an_image", "bad-eta": "invalid_entry", "cut": "input_not_an_image",
@@ -51,7 +52,7 @@ def test_bulk_edit_local_is_resumable(prefect, tmp_path, tiny_dir):
     first = (out / "a" / "record.json").read_text()
 
     state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), chunk_size=2, return_state=True)
-    assert state.message == "0 succeeded, 5 failed, 2 skipped"  # only the bad entries are tried again
+    assert state.message.startswith("0 succeeded, 5 failed, 2 skipped")  # only the bad entries are tried again
     assert (out / "a" / "record.json").read_text() == first
     # The re-run's report and index still show every entry: 2 finished before, 5 failed again.
     report = json.loads(next(out.glob("_batches/*/report.json")).read_text())
@@ -90,7 +91,7 @@ def test_imagic_run_into_s3_then_status(prefect, tmp_path, tiny_dir, monkeypatch
         manifest = write_manifest(tmp_path, tiny_dir)
         runner = CliRunner()
         result = runner.invoke(app, ["run", str(manifest), "--output", "s3://outputs/batch-1",
-                                     "--model", str(tiny_dir), "--chunk-size", "3"])
+                                     "--model", str(tiny_dir), "--chunk-size", "3", "--max-failure-fraction", "0.75"])
         assert result.exit_code == 0, result.output
         assert "2 succeeded, 5 failed, 0 skipped" in " ".join(result.output.split())
         keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="outputs")["Contents"]}
@@ -141,3 +142,16 @@ def test_deployment_mode_without_the_chunk_deployment_says_how_to_register_it(pr
     with pytest.raises(ValueError, match="prefect deploy --all"):
         bulk_edit(str(manifest), str(tmp_path / "out"), mode="deployment", model=str(tiny_dir))
     assert not list((tmp_path / "out").glob("*/record.json"))
+
+
+@pytest.mark.parametrize("failed, threshold, ends", [(2, 0.5, "Completed"), (3, 0.5, "Failed"), (4, 1.0, "Completed"),
+                                                     (1, 0.0, "Failed"), (0, 0.0, "Completed")])
+def test_the_run_ends_failed_above_the_failure_fraction(failed, threshold, ends):
+    from flows.bulk_edit import final_state
+
+    report = {"counts": {"total": 4, "succeeded": 4 - failed, "failed": failed, "skipped": 0}}
+    state = final_state(report, threshold)
+    assert state.type.value.capitalize() == ends.upper().capitalize()
+    assert state.message.startswith(f"{4 - failed} succeeded, {failed} failed, 0 skipped")
+    if ends == "Failed":
+        assert f"{failed} of 4 entries failed" in state.message and f"max_failure_fraction {threshold:g}" in state.message
