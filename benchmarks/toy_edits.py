@@ -137,21 +137,29 @@ def summarise(rows: list[dict], etas: list[float]) -> dict:
     outputs = [o for row in rows for o in row["results"] if o["eta"] > 0 and "edit" in o]
     aucs = {"edit_vs_success": auc([o["success"] for o in outputs], [o["edit"] for o in outputs]),
             "fidelity_vs_preserved": auc([o["preserved"] for o in outputs], [o["fidelity"] for o in outputs])}
-    accepted = [row for row in rows if row["selection"] and row["selection"]["verdict"] == "selected"]
-    chosen = [next(o for o in row["results"] if (o["eta"], o["seed"]) == (row["selection"]["eta"], row["selection"]["seed"]))
-              for row in accepted]
-    selection = {"coverage": bootstrap([bool(row in accepted) for row in rows]),
+    picked = {row["id"]: _selected_output(row) for row in rows}  # None where the case needs review
+    chosen = [o for o in picked.values() if o is not None]
+    selection = {"coverage": bootstrap([o is not None for o in picked.values()]),
                  "precision_both": bootstrap([o["both"] for o in chosen]),
                  "success": bootstrap([o["success"] for o in chosen]),
                  "preserved": bootstrap([o["preserved"] for o in chosen]),
                  "both_of_all_cases": bootstrap([o["both"] for o in chosen] + [0.0] * (len(rows) - len(chosen))),
                  "selected_etas": [o["eta"] for o in chosen]}
     oracle_best = bootstrap([max(o["both"] for o in row["results"] if o["eta"] > 0) for row in rows])
-    kinds = {kind: round(float(np.mean([r in accepted and next(o for o in r["results"] if (o["eta"], o["seed"]) == (r["selection"]["eta"], r["selection"]["seed"]))["both"] for r in rows if r["kind"] == kind])), 3)
+    kinds = {kind: round(float(np.mean([bool(picked[r["id"]] and picked[r["id"]]["both"])
+                                        for r in rows if r["kind"] == kind])), 3)
              for kind in KINDS if any(r["kind"] == kind for r in rows)}
     return {"by_eta": by_eta, "eta0_preserved": by_eta[0.0]["preserved"] if 0.0 in by_eta else None,
             "score_auc": aucs, "selection": selection, "any_output_both": oracle_best,
             "selected_both_by_kind": kinds, "seconds_per_edit": bootstrap([row["seconds"] for row in rows])}
+
+
+def _selected_output(row: dict) -> dict | None:
+    """The per-output result the engine selected for this case, or None (needs review)."""
+    selection = row["selection"]
+    if not selection or selection["verdict"] != "selected":
+        return None
+    return next(o for o in row["results"] if (o["eta"], o["seed"]) == (selection["eta"], selection["seed"]))
 
 
 def tune_selection(rows: list[dict], min_precision: float = 0.9) -> dict:

@@ -19,16 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-
-def epsilon_from(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str):
-    """The noise ε implied by a UNet output of any prediction type, at ᾱ = `alpha_bar`."""
-    if prediction_type == "epsilon":
-        return output
-    if prediction_type == "v_prediction":  # v = √ᾱ·ε − √(1−ᾱ)·x0  ⇒  ε = √ᾱ·v + √(1−ᾱ)·x_t
-        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * sample
-    if prediction_type == "sample":
-        return (sample - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
-    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+from imagic.prediction import epsilon_from
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from PIL import Image
 from imagic.anchoring import SourceAttention, ddim_invert, edit_mask, injected_self_attention
 from imagic.config import EditConfig, check_grid
 from imagic.images import fit_image
+from imagic.prediction import training_target
 from imagic.result import EditResult
 from imagic.scores import score_outputs
 from imagic.selection import select
@@ -442,20 +443,6 @@ class Editor:
 def interpolate(e_tgt: torch.Tensor, e_opt: torch.Tensor, eta: float) -> torch.Tensor:
     """ē = η·e_tgt + (1−η)·e_opt: η=0 is exactly e_opt (the input image), η=1 exactly e_tgt."""
     return eta * e_tgt + (1.0 - eta) * e_opt
-
-
-def training_target(
-    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet learns to predict: ε, v = √ᾱ·ε − √(1−ᾱ)·x0, or x0, per the checkpoint's config."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, timesteps)
-    if prediction_type == "sample":
-        return x0
-    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
 
 
 def _adam(params: list[torch.Tensor], lr: float, use_8bit: bool) -> torch.optim.Optimizer:

@@ -120,7 +120,7 @@ class EditResult:
             losses=summary["losses"],
             seconds=summary["seconds"],
             peak_memory_bytes=summary["peak_memory_bytes"],
-            scores={(s["eta"], s["seed"]): {"edit": s["edit"], "fidelity": s["fidelity"]}
+            scores={(s["eta"], s["seed"]): {k: v for k, v in s.items() if k not in ("eta", "seed")}
                     for s in summary.get("scores", [])},
             reconstruction_fidelity=summary.get("reconstruction_fidelity"),
             selection=Selection(**summary["selection"]) if summary.get("selection") else None,

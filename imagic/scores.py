@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imagic.prediction import training_target
+
 CLASSIFIER_DRAWS = 16  # (noise, timestep) pairs shared by every image of an edit
 
 
@@ -47,16 +49,10 @@ def text_margins(editor, latents: torch.Tensor, e_tgt: torch.Tensor, e_opt: torc
             x0 = x0.unsqueeze(0).expand(draws, -1, -1, -1)
             noisy = scheduler.add_noise(x0, noise, timesteps)
             prediction = editor.unet(noisy, timesteps, encoder_hidden_states=embedding.expand(draws, -1, -1)).sample
-            target = _target(scheduler, x0, noise, timesteps)
+            target = training_target(scheduler, x0, noise, timesteps)
             per_image.append(((prediction.float() - target) ** 2).mean())
         errors[name] = torch.stack(per_image)
     return (errors["opt"] - errors["tgt"]) / (errors["opt"] + errors["tgt"])
-
-
-def _target(scheduler, x0, noise, timesteps):
-    from imagic.editor import training_target
-
-    return training_target(scheduler, x0, noise, timesteps)
 
 
 def edge_map(image: Image.Image, size: int) -> np.ndarray:
