@@ -7,17 +7,18 @@ from typing import Literal
 
 from prefect import flow, get_run_logger, task
 
+from flows.retry import STORAGE_RETRIES
 from flows.bulk_edit import bulk_edit, final_state
 from imagic.augment import augmentation_manifest, check_locations, dataset_images
 from imagic.storage import open_storage
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**STORAGE_RETRIES)
 def list_dataset(dataset_uri: str) -> list[str]:
     return dataset_images(open_storage(dataset_uri))
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**STORAGE_RETRIES)
 def write_manifest(text: str, output_uri: str) -> str:
     """Kept next to the outputs (content-addressed), so every batch can be audited and re-run."""
     store = open_storage(output_uri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from datetime import datetime, timezone
 from typing import Literal
 
 import prefect.runtime.flow_run
@@ -19,45 +20,38 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 
+from flows.retry import STORAGE_RETRIES
 from flows.edit_chunk import load_editor, run_chunk
-from imagic.batch import ERROR_FILE, RECORD_FILE, batch_report, chunk, plan, reject, write_report
+from imagic.batch import Plan, Redo, chunk, plan, read_records, reject
 from imagic.manifest import Entry, ManifestError, detect_format, validate_manifest
-from imagic.storage import StorageError, open_storage, read_uri
+from imagic.config import DEFAULT_MODEL
+from imagic.layout import SHEET_FILE
+from imagic.model_store import known_model_sha256
+from imagic.report import batch_report, write_report
+from imagic.storage import open_storage, read_uri
 
 EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
-DEFAULT_MODEL = "toy"
 # Above this share of the manifest's entries failing, the flow run ends Failed so that automations alert.
 MAX_FAILURE_FRACTION = 0.5
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**STORAGE_RETRIES)
 def read_manifest(manifest_uri: str) -> str:
     """The manifest's text (retried: it may live in S3 or behind HTTP)."""
     return read_uri(manifest_uri).decode("utf-8")
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
-def plan_batch(entries: list[Entry], output_uri: str) -> tuple[list[Entry], list[Entry]]:
-    """(to do, finished): entries whose record exists are skipped, so a re-run does only what is missing."""
-    return plan(entries, open_storage(output_uri))
+@task(**STORAGE_RETRIES)
+def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, check_inputs: bool) -> Plan:
+    """Resume by request: done, changed (not redone unless asked), failed, to do — see imagic.batch.plan."""
+    return plan(entries, open_storage(output_uri), model=model, model_hash=known_model_sha256(model), redo=redo,
+                check_inputs=check_inputs)
 
 
-@task(retries=3, retry_delay_seconds=[2, 5, 15])
+@task(**STORAGE_RETRIES)
 def collect_records(entries: list[Entry], output_uri: str) -> list[dict]:
     """Each entry's record (or error record) from the store: the store, not the children, is the truth."""
-    store = open_storage(output_uri)
-    records = []
-    for entry in entries:
-        for name in (RECORD_FILE, ERROR_FILE):
-            try:
-                records.append(json.loads(store.read_bytes(f"{entry.id}/{name}")))
-                break
-            except StorageError:
-                continue
-        else:
-            records.append({"entry_id": entry.id, "manifest_line": entry.line, "status": "failed",
-                            "error": {"reason": "not_run", "message": "no record after the batch (worker lost?)"}})
-    return records
+    return read_records(entries, open_storage(output_uri))
 
 
 def chunk_key(parent_run_id: str, entries: list[Entry]) -> str:
@@ -66,7 +60,7 @@ def chunk_key(parent_run_id: str, entries: list[Entry]) -> str:
     Not deterministic across parent runs on purpose: re-running a batch after a crash must start new
     children for its unfinished chunks, not get back the dead child of the crashed run.
     """
-    digest = hashlib.sha256(json.dumps([e.id for e in entries]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([e.folder for e in entries]).encode()).hexdigest()[:16]
     return f"{parent_run_id}-{digest}"
 
 
@@ -119,7 +113,13 @@ def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str,
         on_done(finished.result())
 
 
-@flow(name="bulk-edit", log_prints=True)
+def run_name() -> str:
+    """Findable flow-run names: `bulk-edit manifest.jsonl → s3://bucket/out`."""
+    parameters = prefect.runtime.flow_run.parameters
+    return f"bulk-edit {parameters['manifest_uri'].rsplit('/', 1)[-1]} → {parameters['output_uri']}"
+
+
+@flow(name="bulk-edit", flow_run_name=run_name, log_prints=True)
 def bulk_edit(
     manifest_uri: str,
     output_uri: str,
@@ -133,8 +133,15 @@ def bulk_edit(
     batch_id: str | None = None,
     deployment: str = EDIT_CHUNK_DEPLOYMENT,
     max_failure_fraction: float = MAX_FAILURE_FRACTION,
+    redo: Redo = Redo.failed,
+    check_inputs: bool = True,
 ):
-    """Edit every entry of a manifest into `output_uri`; resumable, with a report for dashboards."""
+    """Edit every entry of a manifest into `output_uri`; resumable by request, with a report of the batch.
+
+    `redo`: besides new entries, what to edit again — `failed` (default), `changed` (entries whose finished
+    record answers another request: model, config, η grid, input content…), `all`, or `none`. A redone
+    entry gets a new attempt folder; nothing finished is overwritten.
+    """
     logger = get_run_logger()
     started = time.perf_counter()
     # 1. Read and validate, then plan
@@ -148,9 +155,14 @@ def bulk_edit(
     if rejected:
         logger.warning("%d invalid entries:\n%s", len(rejected), "\n".join(p for r in rejected for p in r.problems))
     model = model or entries[0].model or DEFAULT_MODEL  # the run's, else the manifest's, else the toy model
-    todo, done = plan_batch(entries, output_uri)
+    planned = plan_batch(entries, output_uri, model, Redo(redo), check_inputs)
+    todo = planned.todo
     batch_id = batch_id or hashlib.sha256(f"{manifest_uri}|{output_uri}".encode()).hexdigest()[:12]
-    logger.info("%d entries: %d to do, %d already finished", len(entries), len(todo), len(done))
+    logger.info("%d entries: %d to do, %d finished before, %d changed (not redone: --redo changed), "
+                "%d failed before (not retried)", len(entries), len(todo), len(planned.done), len(planned.changed),
+                len(planned.failed))
+    for entry, _, changes in planned.changed:
+        logger.warning("%s: changed (%s); kept as it is", entry.id, ", ".join(changes))
 
     # 2. Edit, chunk by chunk
     progress = create_progress_artifact(0.0, key=f"bulk-edit-{batch_id}", description="entries finished")
@@ -170,13 +182,18 @@ def bulk_edit(
     elif mode == "deployment" and todo:
         dispatch_deployments(chunks, output_uri, model, device, max_in_flight, deployment, on_done)
 
-    # 3. Report
-    records = reject(open_storage(output_uri), rejected) + collect_records(todo, output_uri)
-    # Entries finished by an earlier run are in the report too: a re-run's index shows the whole batch.
-    report = batch_report(batch_id, records, skipped=[e.id for e in done], seconds=time.perf_counter() - started,
-                          earlier=collect_records(done, output_uri))
-    report_uri = write_report(open_storage(output_uri), report)
-    publish_report(report, report_uri)
+    # 3. Report: every entry of the manifest, whatever this run did with it
+    store = open_storage(output_uri)
+    records = reject(store, rejected) + collect_records(todo, output_uri)
+    records += [{**record, "status": "finished_before"} for _, record in planned.done]
+    records += [{**record, "status": "changed", "changes": changes} for _, record, changes in planned.changed]
+    records += [{**record, "status": "failed_before"} for record in collect_records(planned.failed, output_uri)]
+    run = {"run_id": str(prefect.runtime.flow_run.id), "manifest_uri": manifest_uri, "output_uri": output_uri,
+           "model": model, "redo": Redo(redo).value,
+           "run_name": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{str(prefect.runtime.flow_run.id)[:8]}"}
+    report = batch_report(batch_id, records, seconds=time.perf_counter() - started, run=run)
+    links = write_report(store, report, {r["entry_id"]: r for r in records})
+    publish_report(report, links, store.share_url)
     return final_state(report, max_failure_fraction)
 
 
@@ -185,6 +202,8 @@ def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION
     than `max_failure_fraction` of the manifest's entries failed in this run."""
     counts = report["counts"]
     message = f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped"
+    if counts.get("changed"):
+        message += f", {counts['changed']} changed (not redone: --redo changed)"
     fraction = counts["failed"] / max(1, counts["total"])
     if fraction > max_failure_fraction:
         return Failed(message=f"{message}: {counts['failed']} of {counts['total']} entries failed "
@@ -192,21 +211,47 @@ def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION
     return Completed(message=message, data=report)
 
 
-def publish_report(report: dict, report_uri: str) -> None:
-    """Table and markdown artifacts for the Prefect UI."""
-    create_table_artifact(report["entries"], key=f"bulk-edit-{report['batch_id']}-entries",
-                          description="one row per entry")
+GALLERY_SIZE = 24  # contact sheets shown in the Prefect UI: those that need a look first
+
+
+def publish_report(report: dict, links: dict, share_url=None) -> None:
+    """Table, summary and contact-sheet artifacts for the Prefect UI. `share_url(key)` makes the links a
+    browser opens (presigned for S3); without it, the gallery is left out."""
+    key = f"bulk-edit-{report['batch_id']}"
+    create_table_artifact(report["entries"], key=f"{key}-entries", description="one row per entry")
     counts = report["counts"]
     lines = [f"# Batch `{report['batch_id']}`", "",
-             f"**{counts['succeeded']} succeeded · {counts['failed']} failed · {counts['skipped']} skipped** "
-             f"of {counts['total']} in {report['wall_seconds']:.0f} s (GPU-seconds {report['gpu_seconds']:.0f})",
+             f"**{counts['succeeded']} succeeded · {counts['failed']} failed · {counts['skipped']} skipped · "
+             f"{counts['changed']} changed** of {counts['total']} in {report['wall_seconds']:.0f} s "
+             f"(GPU-seconds {report['gpu_seconds']:.0f})",
              f"{counts['selected']} with an output selected automatically · "
-             f"**{counts['needs_review']} need review**", "", f"Report: `{report_uri}`"]
+             f"**{counts['needs_review']} need review**", "",
+             f"Report: `{links['report']}` · [index]({links['share_index']}) · dataset: `{links['dataset']}`"]
     if report["needs_review"]:
         lines += ["", "| entry | needs review because |", "|---|---|"]
         lines += [f"| {r['entry_id']} | {r['reason']} |" for r in report["needs_review"]]
+    if report["changed"]:
+        lines += ["", "| entry | changed since its record (rerun with --redo changed) |", "|---|---|"]
+        lines += [f"| {c['entry_id']} | {', '.join(c['changes'])} |" for c in report["changed"]]
     if report["failures"]:
         lines += ["", "| entry | line | reason | message |", "|---|---|---|---|"]
         lines += [f"| {f['entry_id']} | {f['line']} | {f['reason']} | {f['message'][:120]} |"
                   for f in report["failures"]]
-    create_markdown_artifact("\n".join(lines), key=f"bulk-edit-{report['batch_id']}-summary")
+    create_markdown_artifact("\n".join(lines), key=f"{key}-summary")
+    if share_url is not None:
+        create_markdown_artifact(contact_sheet_gallery(report, share_url), key=f"{key}-contact-sheets",
+                                 description="contact sheets, those that need review first")
+
+
+def contact_sheet_gallery(report: dict, share_url) -> str:
+    rows = [row for row in report["entries"] if row.get("contact_sheet")]
+    rows.sort(key=lambda row: row.get("verdict") != "needs_review")
+    lines = [f"# Contact sheets of batch `{report['batch_id']}`", ""]
+    for row in rows[:GALLERY_SIZE]:
+        verdict = (f"selected η={row['selected_eta']:g}" if row.get("verdict") == "selected"
+                   else f"needs review: {row.get('review_reason', row.get('verdict'))}")
+        lines += [f"**{row['entry_id']}** — {row['target_text']} — {verdict}", "",
+                  f"![{row['entry_id']}]({share_url(row['folder'] + '/' + SHEET_FILE)})", ""]
+    if len(rows) > GALLERY_SIZE:
+        lines.append(f"… and {len(rows) - GALLERY_SIZE} more in the index.")
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -14,73 +15,92 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from imagic.batch import ERROR_FILE, RECORD_FILE, SHEET_FILE, entry_ids
-from imagic.config import DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, PRESETS, make_config
+import imagic
+from imagic.config import DEFAULT_ETAS, DEFAULT_MODEL, DEFAULT_PRESET, DEFAULT_SEEDS, PRESETS
+from imagic.layout import ERROR_FILE, RECORD_FILE, SHEET_FILE, scan
 
+# Everything heavy (torch, diffusers, Prefect) is imported inside the command that needs it: `--help`,
+# `--version`, `manifest validate` and a bad manifest given to `run` answer at once.
 app = typer.Typer(help="Text-based editing of real images with diffusion models (Imagic).", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
-DEFAULT_MODEL = "toy"
+Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
+
+
+class Mode(str, Enum):
+    local = "local"  # the entries run in this process
+    deployment = "deployment"  # edit-chunk runs on a work pool
+
+
+class Redo(str, Enum):  # the values of imagic.batch.Redo, without importing the engine
+    none = "none"
+    failed = "failed"
+    changed = "changed"
+    all = "all"
+
 
 EtaOption = Annotated[list[str] | None, typer.Option(
-    "--eta", help=f"η values, comma-separated and/or repeated [default: {','.join(map(str, DEFAULT_ETAS))}]")]
+    "--eta", help="η values, comma-separated and/or repeated.", show_default=",".join(map(str, DEFAULT_ETAS)))]
 SeedOption = Annotated[list[str] | None, typer.Option(
-    "--seed", help="Render seeds, comma-separated and/or repeated [default: 0]")]
+    "--seed", help="Render seeds, comma-separated and/or repeated.", show_default=",".join(map(str, DEFAULT_SEEDS)))]
 DeviceOption = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (CUDA when there is one).")]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set finetune_steps=100.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"imagic-batch {imagic.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """Text-based editing of real images with diffusion models (Imagic)."""
 
 
 @app.command()
 def edit(
-    image: Annotated[Path, typer.Argument(help="Input image file.")],
+    image: Annotated[str, typer.Argument(help="Input image: a path, file://, s3://bucket/key or http(s):// URL.")],
     target: Annotated[str, typer.Option("--target", "-t", help="Target text: what the image should show.")],
     eta: EtaOption = None,
     seed: SeedOption = None,
-    preset: Annotated[str, typer.Option(help=f"One of: {', '.join(PRESETS)}.")] = DEFAULT_PRESET,
-    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, or built-in toy / tiny.")] = (
+    preset: Annotated[Preset, typer.Option(help="Named set of config defaults.")] = DEFAULT_PRESET,
+    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, s3:// prefix, or toy / tiny.")] = (
         DEFAULT_MODEL
     ),
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/edit"),
     device: DeviceOption = "auto",
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a config field, KEY=VALUE (repeatable), e.g. --set finetune_steps=100.")] = None,
+    set_: SetOption = None,
 ) -> None:
-    """Edit one image towards a text.
+    """Edit one image towards a text: the same per-entry path, outputs and record as a batch entry.
 
     Example: imagic edit photo.png --target "a dog sitting" --eta 0.6,0.7,0.8 --seed 0 --out out/dog
     """
-    from imagic import Editor, load_image
-    from imagic.model_store import model_sha256
-    from imagic.record import edit_record
-    from imagic.sheet import contact_sheet
-    from imagic.storage import LocalStorage, read_uri
+    from imagic.batch import run_entry
+    from imagic.manifest import single_entry
+    from imagic.storage import LocalStorage
 
     with _errors():
-        etas = _floats(eta) if eta else list(DEFAULT_ETAS)
-        seeds = _ints(seed) if seed else list(DEFAULT_SEEDS)
-        config = make_config(preset, **_overrides(set_ or []))
-        input_bytes = read_uri(str(image))
-        picture = load_image(input_bytes, name=str(image))
-        editor = Editor(_load(model, device))
-        editor.check_inputs(config, etas, seeds)
+        entry = single_entry(image, target, etas=_floats(eta) if eta else None, seeds=_ints(seed) if seed else None,
+                             preset=Preset(preset).value, overrides=_overrides(set_ or []),
+                             entry_id=_safe_id(out.name))
+        editor = _editor(model, device)
         with _progress() as progress:
-            result = editor.edit(picture, target, config, etas, seeds, callback=progress)
-        out.mkdir(parents=True, exist_ok=True)
-        result.save(out)
-        contact_sheet(result.input_image, result.images, title=target, selection=result.selection).save(out / SHEET_FILE)
-        record = edit_record(
-            result, input_uri=str(image), input_bytes=input_bytes, model=model,
-            model_sha256=model_sha256(editor.pipeline.name_or_path), preset=preset,
-            device=str(editor.device), outputs={"contact_sheet": SHEET_FILE, "artifacts": "artifacts/"},
-        )
-        # Last, and atomically (temp file + rename): a record on disk always means a finished edit.
-        LocalStorage(out).write_bytes(RECORD_FILE, (json.dumps(record, indent=2) + "\n").encode())
-    console.print(f"[green]done[/] in {record['seconds']['total']:.1f}s: {len(result.images)} images, "
+            record = run_entry(editor, entry, LocalStorage(out), model=model, folder="", callback=progress)
+    if record["status"] == "failed":
+        console.print(f"[red]error:[/] {escape(record['error']['message'])} ({record['error']['reason']}; "
+                      f"{out / ERROR_FILE})", soft_wrap=True)
+        raise typer.Exit(2)
+    console.print(f"[green]done[/] in {record['seconds']['total']:.1f}s: {len(record['outputs']['images'])} images, "
                   f"contact sheet and record in {out}/")
-    if result.selection is not None and result.selection.verdict == "selected":
-        console.print(f"selected: η={result.selection.eta:g} seed={result.selection.seed} → {out}/selected.png")
-    elif result.selection is not None:
-        console.print(f"[yellow]needs review[/]: {result.selection.reason}")
+    selection = record["selection"]
+    if selection and selection["verdict"] == "selected":
+        console.print(f"selected: η={selection['eta']:g} seed={selection['seed']} → {out}/{selection['file']}")
+    elif selection:
+        console.print(f"[yellow]needs review[/]: {selection['reason']}")
 
 
 @app.command()
@@ -93,8 +113,7 @@ def render(
     device: DeviceOption = "auto",
 ) -> None:
     """Render new η/seed images from a saved edit, without retraining."""
-    from imagic import EditResult, Editor
-    from imagic.result import image_name
+    from imagic.result import EditResult, image_name
     from imagic.sheet import contact_sheet
 
     with _errors():
@@ -104,7 +123,7 @@ def render(
         if model is None:
             record_file = edit_dir / RECORD_FILE
             model = json.loads(record_file.read_text())["model"] if record_file.is_file() else DEFAULT_MODEL
-        editor = Editor(_load(model, device))
+        editor = _editor(model, device)
         images = editor.render_result(result, etas, seeds)
         out = out or edit_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -118,35 +137,58 @@ def render(
 def run(
     manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder or s3://bucket/prefix.")],
-    mode: Annotated[str, typer.Option(help="local (this process) or deployment (edit-chunk on a work pool).")] = "local",
-    model: Annotated[str | None, typer.Option(
-        help="Model for every entry [default: the manifest's defaults.model, else toy].")] = None,
-    preset: Annotated[str | None, typer.Option(help="Override the manifest's presets.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field, KEY=VALUE.")] = None,
+    mode: Annotated[Mode, typer.Option(help="local: this process; deployment: edit-chunk on a work pool.")] = (
+        Mode.local
+    ),
+    model: Annotated[str | None, typer.Option(help="Model for every entry.", show_default="the manifest's "
+                                              f"defaults.model, else {DEFAULT_MODEL}")] = None,
+    preset: Annotated[Preset | None, typer.Option(help="Override the manifest's presets.")] = None,
+    set_: SetOption = None,
+    redo: Annotated[Redo, typer.Option(help="Besides new entries, edit again: failed ones; also changed ones "
+                                       "(their record answers another request); all; or none.")] = Redo.failed,
+    check_inputs: Annotated[bool, typer.Option(help="Re-read finished entries' inputs to notice replaced "
+                                               "images.")] = True,
     chunk_size: Annotated[int, typer.Option(min=1, help="Entries per worker run.")] = 8,
     max_in_flight: Annotated[int, typer.Option(min=1, help="Chunks running at once (deployment mode).")] = 4,
     device: DeviceOption = "auto",
     max_failure_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Above this share of failed entries the batch ends Failed (exit 1).")] = 0.5,
 ) -> None:
-    """Edit every entry of a manifest with Prefect (resumable: finished entries are skipped).
+    """Edit every entry of a manifest with Prefect. Resumable by request: entries finished with the same
+    request are skipped; changed ones are reported and redone only with --redo changed.
 
     Example: imagic run examples/manifest.jsonl --output out/batch
     """
-    if mode not in ("local", "deployment"):
-        raise typer.BadParameter("--mode is local or deployment")
-    from flows.bulk_edit import bulk_edit
+    from imagic.storage import open_storage
 
     with _errors():
         overrides = _overrides(set_ or []) or None
-        with _batch_progress(manifest, output, preset, overrides):
-            state = bulk_edit(manifest, output, mode=mode, model=model, preset=preset, overrides=overrides,
-                              chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
-                              max_failure_fraction=max_failure_fraction, return_state=True)
+        preset_name = Preset(preset).value if preset else None
+        entries = _validate(manifest, preset_name, overrides)  # before Prefect starts: a bad file costs no wait
+        open_storage(output)  # a bad scheme, at once
+        from flows.bulk_edit import bulk_edit
+
+        with _batch_progress(entries, output):
+            state = bulk_edit(manifest, output, mode=Mode(mode).value, model=model, preset=preset_name,
+                              overrides=overrides, chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
+                              max_failure_fraction=max_failure_fraction, redo=Redo(redo).value,
+                              check_inputs=check_inputs, return_state=True)
     if not state.is_completed():
         console.print(f"[red]batch {state.name.lower()}:[/] {escape(str(state.message))}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]done:[/] {state.message}; outputs in {output}")
+
+
+def _validate(manifest: str, preset: str | None, overrides: dict | None) -> list:
+    """The manifest's valid entries; a file that cannot run at all raises (one line per problem)."""
+    from imagic.manifest import ManifestError, detect_format, validate_manifest
+
+    fmt = detect_format(manifest)
+    entries, rejected, file_problems = validate_manifest(_manifest_text(manifest), fmt, preset=preset,
+                                                         overrides=overrides)
+    if file_problems or not entries:
+        raise ManifestError(file_problems + [p for r in rejected for p in r.problems])
+    return entries
 
 
 manifest_app = typer.Typer(help="Manifests: validate them, print their JSON Schema.", no_args_is_help=True)
@@ -157,12 +199,11 @@ app.add_typer(manifest_app, name="manifest")
 def manifest_validate(
     manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
 ) -> None:
-    """Check a manifest and print every problem with its line; exit 1 if there are any."""
+    """Check a manifest and print every problem with its line; exit 2 if there are any."""
     from imagic.manifest import detect_format, parse_manifest
-    from imagic.storage import read_uri
 
     with _errors():
-        entries = parse_manifest(read_uri(manifest).decode("utf-8"), detect_format(manifest))
+        entries = parse_manifest(_manifest_text(manifest), detect_format(manifest))
     console.print(f"[green]valid:[/] {len(entries)} entries, {sum(len(e.etas) * len(e.seeds) for e in entries)} images")
 
 
@@ -175,35 +216,74 @@ def manifest_schema() -> None:
 
 
 @app.command()
-def status(output: Annotated[str, typer.Argument(help="Output folder or s3:// prefix of a batch.")]) -> None:
-    """Summarise a batch's output: finished, failed (with reasons) and latest report."""
+def status(
+    output: Annotated[str, typer.Argument(help="Output folder or s3:// prefix of a batch.")],
+    manifest: Annotated[str | None, typer.Option(help="Also say what a run of this manifest would do: "
+                                                 "to do, done, changed, failed.")] = None,
+    model: Annotated[str | None, typer.Option(help="With --manifest: the model the run would use.",
+                                              show_default=f"the manifest's, else {DEFAULT_MODEL}")] = None,
+) -> None:
+    """Summarise a batch's output: finished, failed (with reasons), changed, and the latest report."""
     from collections import Counter
 
-    from imagic.storage import open_storage
+    from imagic.layout import BATCHES, REPORT_FILE, attempt_folder
+    from imagic.storage import StorageError, open_storage
 
     with _errors():
         store = open_storage(output)
         keys = store.list()
-    done = entry_ids(store, RECORD_FILE, keys)
-    failed = entry_ids(store, ERROR_FILE, keys) - done
-    reasons = Counter(json.loads(store.read_bytes(f"{entry}/{ERROR_FILE}"))["error"]["reason"] for entry in failed)
-    reports = sorted(k for k in keys if k.startswith("_batches/") and k.endswith("/report.json"))
-    console.print(f"{len(done)} finished, {len(failed)} failed"
-                  + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.items())})" if reasons else ""))
-    if reports:
-        report = json.loads(store.read_bytes(reports[-1]))
-        missing = report["counts"]["total"] - len(done) - len(failed)
-        console.print(f"last report: {store.url_for(reports[-1])} ({report['counts']['total']} entries, "
-                      f"{max(0, missing)} missing)")
+        if not keys:
+            raise StorageError(f"{output}: no outputs here (is the path right?)")
+        attempts = {entry_id: a for entry_id, a in scan(keys).items() if a.latest}
+        done = {e for e, a in attempts.items() if a.latest in a.finished}
+        failed = {e for e, a in attempts.items() if a.latest in a.failed and e not in done}
+        reasons = Counter(json.loads(store.read_bytes(f"{attempt_folder(e, attempts[e].latest)}/{ERROR_FILE}"))
+                          ["error"]["reason"] for e in failed)
+        redone = sum(1 for a in attempts.values() if a.latest > 1)
+        console.print(f"{len(done)} finished, {len(failed)} failed"
+                      + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.items())})" if reasons else "")
+                      + (f"; {redone} redone (earlier attempts kept in <id>@vN/)" if redone else ""))
+        reports = sorted((k for k in keys if k.startswith(f"{BATCHES}/") and k.count("/") == 2
+                          and k.endswith(f"/{REPORT_FILE}")),
+                         key=lambda k: json.loads(store.read_bytes(k)).get("created_at", ""))
+        if reports:
+            report = json.loads(store.read_bytes(reports[-1]))
+            counts = report["counts"]
+            console.print(f"last report: {store.url_for(reports[-1])} ({counts['total']} entries, "
+                          f"{counts.get('changed', 0)} changed, {counts.get('needs_review', 0)} need review)")
+        if manifest:
+            _status_plan(manifest, store, model)
 
 
-def _load(model: str, device: str):
+def _status_plan(manifest: str, store, model: str | None) -> None:
+    from imagic.batch import plan
+
+    entries = _validate(manifest, None, None)
+    planned = plan(entries, store, model=model or entries[0].model or DEFAULT_MODEL)
+    console.print(f"{manifest}: {len(planned.todo)} to do, {len(planned.done)} done, {len(planned.changed)} changed, "
+                  f"{len(planned.failed)} failed and not retried")
+    for entry, _, changes in planned.changed:
+        console.print(f"  changed: {entry.id} ({', '.join(changes)}); redo with --redo changed", soft_wrap=True)
+
+
+def _manifest_text(manifest: str) -> str:
+    from imagic.manifest import ManifestError
+    from imagic.storage import read_uri
+
+    try:
+        return read_uri(manifest).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError([f"{manifest}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
+
+
+def _editor(model: str, device: str):
+    """The model loaded once (a spinner while it loads), wrapped in the engine."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from imagic import load_pipeline
-    from imagic.model_store import local_model
+    from imagic.editor import Editor
+    from imagic.models import load_pipeline
 
     diffusers_logging.disable_progress_bar()  # the status spinner says it; tqdm would fight rich
     transformers_logging.disable_progress_bar()
@@ -211,7 +291,14 @@ def _load(model: str, device: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with console.status(f"loading {model} on {device}"):
-        return load_pipeline(local_model(model), device)
+        return Editor(load_pipeline(model, device))
+
+
+def _safe_id(name: str) -> str | None:
+    """An output folder's name as the entry id when it is a valid one (else one is generated)."""
+    from imagic.manifest import ID_PATTERN
+
+    return name if ID_PATTERN.match(name) else None
 
 
 def _split(values: list[str]) -> list[str]:
@@ -246,17 +333,19 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 @contextlib.contextmanager
-def _batch_progress(manifest: str, output: str, preset: str | None, overrides: dict | None):
+def _batch_progress(entries: list, output: str):
     """A bar of the manifest's entries finished in the output store (polled: it works whether the
-    entries run in this process or on a work pool). An unreadable manifest shows no bar; the flow reports it."""
-    from imagic.manifest import detect_format, validate_manifest
-    from imagic.storage import open_storage, read_uri
+    entries run in this process or on a work pool). A store that cannot be listed shows no bar."""
+    from imagic.storage import open_storage
+
+    def state(keys: list[str]) -> tuple[set[str], set[str]]:  # (finished ids, ids whose latest attempt failed)
+        attempts = scan(keys)
+        return ({e for e, a in attempts.items() if a.finished},
+                {e for e, a in attempts.items() if a.latest in a.failed and a.latest not in a.finished})
 
     try:
-        entries, _, _ = validate_manifest(read_uri(manifest).decode(), detect_format(manifest), preset=preset,
-                                          overrides=overrides)
         store = open_storage(output)
-        failed_before = entry_ids(store, ERROR_FILE)
+        _, failed_before = state(store.list())
     except Exception:
         yield
         return
@@ -268,13 +357,12 @@ def _batch_progress(manifest: str, output: str, preset: str | None, overrides: d
     def watch() -> None:
         while True:
             try:
-                keys = store.list()
+                finished, failed = state(store.list())
             except Exception:  # the store is the flow's business; the bar just waits
-                keys = None
-            if keys is not None:
-                done = entry_ids(store, RECORD_FILE, keys) & ids
-                failed = (entry_ids(store, ERROR_FILE, keys) & ids) - failed_before - done
-                bar.update(task, completed=len(done | failed), note=f"{len(failed)} failed" if failed else "")
+                finished = None
+            if finished is not None:
+                finished, failed = finished & ids, (failed & ids) - failed_before - finished
+                bar.update(task, completed=len(finished | failed), note=f"{len(failed)} failed" if failed else "")
             if stop.wait(2.0):
                 return
 
@@ -316,19 +404,20 @@ class _errors:
         return self
 
     def __exit__(self, kind, error, tb):
-        from imagic import ImageError, ModelError
+        from imagic.images import ImageError
         from imagic.manifest import ManifestError
+        from imagic.model_store import ModelError
         from imagic.storage import StorageError
 
         if isinstance(error, ManifestError):  # every problem, one per line
             for problem in error.problems:
                 console.print(escape(problem), soft_wrap=True)
             console.print(f"[red]{len(error.problems)} problem(s)[/]")
-            raise typer.Exit(1)
+            raise typer.Exit(2)
         if isinstance(error, ValidationError):
             details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
             console.print(f"[red]error:[/] invalid config: {escape(details)}", soft_wrap=True)
-        elif isinstance(error, (ImageError, ModelError, StorageError, ValueError, FileNotFoundError)):
+        elif isinstance(error, (ImageError, ModelError, StorageError, ValueError, OSError)):
             console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
         else:
             return False

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ETA_MIN, ETA_MAX = 0.0, 2.0
 DEFAULT_ETAS = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # wide: the selection picks (README, toy benchmark)
 DEFAULT_SEEDS = (0,)
+DEFAULT_MODEL = "toy"  # the shipped toy model: what runs when no model is named (imagic/models.py resolves it)
 LORA_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # peft wraps Conv2d too: the ResNet convolutions and the transformer blocks' in/out projections.
 LORA_CONVOLUTION = ("conv1", "conv2", "conv_shortcut", "proj_in", "proj_out")

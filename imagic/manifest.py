@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imagic.config import DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, ETA_MAX, ETA_MIN, PRESETS, EditConfig, make_config
+from imagic.layout import attempt_folder
 
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -119,6 +120,11 @@ class Entry(BaseModel):
     preset: str
     config: EditConfig
     model: str | None = None  # the file's default model; a run's --model beats it
+    attempt: int = 1  # which attempt folder the edit writes (imagic/layout.py); set by the batch's plan
+
+    @property
+    def folder(self) -> str:
+        return attempt_folder(self.id, self.attempt)
 
 
 def entry_id(image: str, target_text: str, config: EditConfig, etas, seeds) -> str:
@@ -196,6 +202,17 @@ def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrid
     if problems:
         raise ManifestError(problems)
     return entries
+
+
+def single_entry(image: str, target_text: str, *, etas=None, seeds=None, preset: str = DEFAULT_PRESET,
+                 overrides: dict | None = None, entry_id: str | None = None) -> Entry:
+    """One entry from command-line arguments, validated by the same rules as a manifest line."""
+    data = {"image": image, "target_text": target_text, "preset": preset, "overrides": overrides or {}}
+    data.update({k: v for k, v in (("etas", etas), ("seeds", seeds), ("id", entry_id)) if v is not None})
+    result = _resolve(1, data, Defaults(), None, None, preset)
+    if isinstance(result, list):
+        raise ManifestError([problem.removeprefix("line 1: ") for problem in result])
+    return result
 
 
 def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_preset) -> Entry | list[str]:

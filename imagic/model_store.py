@@ -11,12 +11,21 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
-from imagic.models import cache_dir
 from imagic.storage import S3Storage, StorageError
 
 SYNC_MARKER = ".imagic-sync.json"  # written last: its presence means the copy is complete
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded, with the reason a person can act on."""
+
+
+def cache_dir() -> Path:
+    """Where built-in models are materialised and s3:// models synced: $IMAGIC_CACHE or ~/.cache/imagic."""
+    return Path(os.environ.get("IMAGIC_CACHE", Path.home() / ".cache" / "imagic"))
 
 
 def local_model(model: str) -> str:
@@ -70,4 +79,18 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # not a hub id, or not in the local hub cache
+        return None
+
+
+def known_model_sha256(model: str) -> str | None:
+    """The model's hash where it can be had without downloading anything (a local directory, a built-in
+    model, a hub id in the local cache); None otherwise. s3:// prefixes are immutable by convention: their
+    name says which weights they hold."""
+    from imagic.models import resolve_model
+
+    if model.startswith("s3://"):
+        return None
+    try:
+        return model_sha256(resolve_model(model))
+    except ModelError:
         return None

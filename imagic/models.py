@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+
+from imagic.model_store import ModelError, cache_dir, local_model
 
 logger = logging.getLogger(__name__)
 
@@ -17,19 +18,13 @@ REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-class ModelError(ValueError):
-    """A model that cannot be loaded, with the reason a person can act on."""
-
-
-def cache_dir() -> Path:
-    """Where built-in models are materialised: $IMAGIC_CACHE or ~/.cache/imagic."""
-    return Path(os.environ.get("IMAGIC_CACHE", Path.home() / ".cache" / "imagic"))
-
-
 def resolve_model(model: str) -> str:
-    """A built-in name (`toy`, `tiny`) becomes its local directory; anything else is passed through."""
+    """The one place a model name becomes something `from_pretrained` loads: a built-in name (`toy`,
+    `tiny`) or an `s3://` prefix (synced once) becomes a local directory; a hub id or path passes through."""
     from imagic import tiny
 
+    if model.startswith("s3://"):
+        return local_model(model)
     if model == "toy":
         directory = Path(__file__).parent / "toy" / "model"
         if not (directory / "model_index.json").is_file():
@@ -69,7 +64,8 @@ def check_model_dir(path: Path) -> None:
 
 
 def load_pipeline(model: str, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
-    """Load an SD 1.x/2.x pipeline from a hub id, a local directory or a built-in name, safetensors only.
+    """Load an SD 1.x/2.x pipeline from a hub id, a local directory, an s3:// prefix or a built-in name,
+    safetensors only.
 
     Weights stay in fp32: trained parameters must, and mixed precision is applied as autocast by the editor.
     """

@@ -1,4 +1,9 @@
-"""The JSON record written next to an edit's outputs: what went in, what came out, how long it took."""
+"""The JSON records written next to an entry's outputs — `record.json` for a finished edit, `error.json`
+for a failed one — and the request they answer: what went in, what came out, how long it took.
+
+The *request* (input URI and content, target text, model and its hash, effective config, η grid, seeds)
+is what decides whether a finished record still answers a manifest entry (`request_changes`).
+"""
 
 from __future__ import annotations
 
@@ -38,11 +43,15 @@ def edit_record(
     preset: str,
     device: str,
     outputs: dict[str, str],
+    entry_id: str | None = None,
+    attempt: int = 1,
 ) -> dict:
     """A schema-versioned, JSON-ready record. `outputs` maps role → location (e.g. contact_sheet)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "status": "succeeded",
+        "entry_id": entry_id,
+        "attempt": attempt,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": {"uri": input_uri, "sha256": sha256(input_bytes), "size_bytes": len(input_bytes)},
         "target_text": result.target_text,
@@ -79,3 +88,46 @@ def _selection(result: EditResult) -> dict | None:
         selection["source_file"] = image_name(result.selection.eta, result.selection.seed)
         selection["scores"] = result.scores[(result.selection.eta, result.selection.seed)]
     return selection
+
+
+def failure_record(*, entry_id: str, line: int | None, input_uri: str | None, target_text: str | None,
+                   reason: str, message: str, seconds: float = 0.0, attempt: int = 1) -> dict:
+    """`error.json`: a machine-readable reason (`invalid_entry`, `input_unreadable`, …) and a message."""
+    return {"schema_version": SCHEMA_VERSION, "status": "failed", "entry_id": entry_id, "attempt": attempt,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "manifest_line": line,
+            "input": {"uri": input_uri}, "target_text": target_text,
+            "error": {"reason": reason, "message": message}, "wall_seconds": seconds}
+
+
+def request(*, input_uri: str, target_text: str, model: str, config: dict, etas, seeds,
+            input_sha256: str | None = None, model_sha256: str | None = None) -> dict:
+    """What an entry asks for. Hashes that are unknown (None) are not compared."""
+    return {"input_uri": input_uri, "input_sha256": input_sha256, "target_text": target_text, "model": model,
+            "model_sha256": model_sha256, "config": config, "etas": [float(e) for e in etas],
+            "seeds": [int(s) for s in seeds]}
+
+
+def request_of_record(record: dict) -> dict:
+    """The request a finished record answered (read from its fields: records of every version have them)."""
+    return request(input_uri=record["input"]["uri"], input_sha256=record["input"].get("sha256"),
+                   target_text=record["target_text"], model=record["model"], model_sha256=record.get("model_sha256"),
+                   config=record["config"], etas=record["etas"], seeds=record["seeds"])
+
+
+def request_changes(record: dict, wanted: dict) -> list[str]:
+    """What differs between the request a record answered and the one wanted, e.g. `["model", "config.seed"]`.
+
+    Config fields only one side has are not compared: a field added in a later version with a default
+    that keeps the old behaviour does not make every earlier record `changed`.
+    """
+    had = request_of_record(record)
+    changes = [key for key in ("input_uri", "target_text", "model", "etas", "seeds") if had[key] != wanted[key]]
+    changes += [key for key in ("input_sha256", "model_sha256")
+                if had[key] is not None and wanted[key] is not None and had[key] != wanted[key]]
+    changes += [f"config.{key}" for key in sorted(had["config"].keys() & wanted["config"].keys())
+                if _comparable(had["config"][key]) != _comparable(wanted["config"][key])]
+    return changes
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, tuple) else value

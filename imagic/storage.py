@@ -6,6 +6,7 @@ reader sees a whole object or none, so a finished-looking output is never half-w
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import tempfile
 import urllib.error
@@ -18,7 +19,27 @@ HTTP_TIMEOUT_S = 30
 
 
 class StorageError(OSError):
-    """A read or write that failed, with a reason a person can act on (never credentials)."""
+    """A read or write that failed, with a reason a person can act on (never credentials).
+
+    `transient` says whether trying again can help (a 503, a dropped connection) or not (a missing file,
+    no such bucket, access denied): callers retry only the former.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Worth retrying: a transient StorageError (not a missing object, a bad URI or a validation error)."""
+    return isinstance(error, StorageError) and error.transient
+
+
+# S3 error codes that say the request itself is wrong: retrying cannot help.
+_PERMANENT_S3_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDenied", "403", "InvalidAccessKeyId",
+                       "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled", "PreconditionFailed"}
+# Objects are readable by the group and others, as a web server or a colleague expects (not mkstemp's 0600).
+FILE_MODE = 0o644
 
 
 class Storage(Protocol):
@@ -33,6 +54,10 @@ class Storage(Protocol):
     def list(self, prefix: str = "") -> list[str]: ...
 
     def url_for(self, key: str) -> str: ...
+
+    def share_url(self, key: str, expires_s: int = ...) -> str:
+        """A link a browser can open (a presigned URL for S3)."""
+        ...
 
 
 def _resolve(key: str) -> str:
@@ -62,6 +87,7 @@ class LocalStorage:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(partial, FILE_MODE & ~_UMASK)
             if if_absent:
                 try:
                     os.link(partial, path)  # atomic create-if-absent
@@ -85,6 +111,19 @@ class LocalStorage:
 
     def url_for(self, key: str) -> str:
         return str(self._path(key))
+
+    def share_url(self, key: str, expires_s: int = 0) -> str:
+        """A link a browser on this machine opens."""
+        return self._path(key).resolve().as_uri()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
 
 
 class S3Storage:
@@ -119,26 +158,37 @@ class S3Storage:
         key = _resolve(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _error(self, action: str, key: str, err: Exception) -> StorageError:
-        code = getattr(err, "response", {}).get("Error", {}).get("Code", type(err).__name__)
-        return StorageError(f"{self.url_for(key)}: cannot {action} ({code})")
+    def _error(self, action: str, where: str, err: Exception) -> StorageError:
+        """The real cause (no bucket, access denied, a 503 after retries), never the credentials."""
+        error = getattr(err, "response", {}).get("Error", {})
+        code = error.get("Code", type(err).__name__)
+        detail = f"{code}: {error['Message']}" if error.get("Message") else code
+        if code == "NoSuchBucket":
+            detail = f"no bucket {self.bucket!r} at {self.endpoint_url or 'AWS'}"
+        return StorageError(f"s3://{self.bucket}/{where}: cannot {action} ({detail})",
+                            transient=code not in _PERMANENT_S3_CODES)
 
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except Exception as err:  # botocore's ClientError, connection errors, …
-            raise self._error("read", key, err) from err
+            raise self._error("read", self._key(key), err) from err
 
     def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         extra = {"IfNoneMatch": "*"} if if_absent else {}
+        # A ContentType, so that a browser shows the index, images and JSON instead of downloading them.
+        content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        if key.endswith(".jsonl"):
+            content_type = "application/jsonl"
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra)
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
+                                   **extra)
             return True
         except Exception as err:
             code = getattr(err, "response", {}).get("Error", {}).get("Code")
             if if_absent and code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 return False
-            raise self._error("write", key, err) from err
+            raise self._error("write", self._key(key), err) from err
 
     def exists(self, key: str) -> bool:
         try:
@@ -147,7 +197,7 @@ class S3Storage:
         except Exception as err:
             if getattr(err, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise self._error("check", key, err) from err
+            raise self._error("check", self._key(key), err) from err
 
     def download(self, key: str, path: Path) -> None:
         """Stream one object to a file (boto3's managed, multipart transfer: for multi-GB weights)."""
@@ -158,7 +208,7 @@ class S3Storage:
             os.replace(partial, path)
         except Exception as err:
             partial.unlink(missing_ok=True)
-            raise self._error("download", key, err) from err
+            raise self._error("download", self._key(key), err) from err
 
     def list(self, prefix: str = "") -> list[str]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
@@ -167,12 +217,17 @@ class S3Storage:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
                 keys += [obj["Key"] for obj in page.get("Contents", [])]
         except Exception as err:
-            raise self._error("list", prefix or ".", err) from err
+            raise self._error("list", full, err) from err
         strip = len(self.prefix) + 1 if self.prefix else 0
         return sorted(k[strip:] for k in keys)
 
     def url_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def share_url(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A presigned GET link a browser opens without credentials (7 days: the SigV4 maximum)."""
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
+                                                  ExpiresIn=expires_s)
 
 
 def open_storage(uri: str) -> Storage:
@@ -192,10 +247,11 @@ def read_uri(uri: str) -> bytes:
             with urllib.request.urlopen(uri, timeout=HTTP_TIMEOUT_S) as response:
                 return response.read()
         except urllib.error.HTTPError as err:
-            raise StorageError(f"{_redact(uri)}: HTTP {err.code} {err.reason}") from err
+            raise StorageError(f"{_redact(uri)}: HTTP {err.code} {err.reason}",
+                               transient=err.code in (408, 429) or err.code >= 500) from err
         except (urllib.error.URLError, TimeoutError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise StorageError(f"{_redact(uri)}: unreachable ({reason})") from err
+            raise StorageError(f"{_redact(uri)}: unreachable ({reason})", transient=True) from err
     if uri.startswith("s3://"):
         bucket, _, key = uri[5:].partition("/")
         return S3Storage(bucket).read_bytes(key)

@@ -1,12 +1,15 @@
-"""The per-entry unit on the tiny model, into a local store: good entries finish, bad ones get error records."""
+"""The per-entry unit on the tiny model, into a local store: good entries finish, bad ones get error records;
+a re-run plans by request (done, changed, failed), and a redo never overwrites a finished attempt."""
 
 import json
 
 import pytest
 
-from imagic.batch import batch_report, chunk, finished_ids, plan, report_html, run_entry, write_report
+from imagic.batch import Redo, chunk, plan, run_entry
+from imagic.layout import scan
 from imagic.manifest import parse_manifest
 from imagic.model_store import model_sha256
+from imagic.report import batch_report, report_html
 from imagic.storage import LocalStorage
 
 from .conftest import draw_scene
@@ -25,10 +28,11 @@ def inputs(tmp_path):
     return folder
 
 
-def manifest(inputs, *names):
-    rows = [{"defaults": {"etas": [0.8, 1.0], "overrides": QUICK}}]
+def manifest(inputs, *names, etas=(0.8, 1.0), web=True, **overrides):
+    rows = [{"defaults": {"etas": list(etas), "overrides": {**QUICK, **overrides}}}]
     rows += [{"id": name.split(".")[0], "image": str(inputs / name), "target_text": "a blue circle"} for name in names]
-    rows.append({"id": "web", "image": "http://127.0.0.1:9/x.png", "target_text": "a blue circle"})
+    if web:
+        rows.append({"id": "web", "image": "http://127.0.0.1:9/x.png", "target_text": "a blue circle"})
     return parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")
 
 
@@ -47,19 +51,45 @@ def test_good_entries_finish_and_bad_ones_get_error_records(editor, inputs, tmp_
         assert not store.exists(f"{entry_id}/record.json")
         error = json.loads(store.read_bytes(f"{entry_id}/error.json"))
         assert error["error"]["message"] and error["manifest_line"] > 1
-    assert finished_ids(store) == {"good"}
+    assert {e for e, a in scan(store.list()).items() if a.finished} == {"good"}
 
-    todo, done = plan(entries, store)
-    assert [e.id for e in done] == ["good"] and len(todo) == 4  # failed entries are retried on re-run
+    planned = plan(entries, store, model="tiny")
+    assert [e.id for e, _ in planned.done] == ["good"] and len(planned.todo) == 4  # failures are retried …
+    assert all(e.attempt == 1 for e in planned.todo)  # … in the same folder: an error is not a finished output
+    planned = plan(entries, store, model="tiny", redo=Redo.none)
+    assert not planned.todo and sorted(e.id for e in planned.failed) == ["cut", "missing", "text", "web"]
 
-    report = batch_report("b1", list(records.values()), skipped=[], seconds=1.0)
-    assert report["counts"] == {"total": 5, "succeeded": 1, "failed": 4, "skipped": 0,
-                                "selected": int(records["good"]["selection"]["verdict"] == "selected"),
-                                "needs_review": int(records["good"]["selection"]["verdict"] == "needs_review")}
-    assert {f["reason"] for f in report["failures"]} == {"input_not_an_image", "input_unreadable"}
-    write_report(store, report)
-    assert "good/contact_sheet.png" in report_html(report)
-    assert json.loads(store.read_bytes("_batches/b1/report.json"))["counts"]["failed"] == 4
+
+def test_a_changed_request_is_reported_and_redone_only_when_asked(editor, inputs, tmp_path):
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    first = run_entry(editor, entry, store, model="tiny")
+    sha = model_sha256(editor.pipeline.name_or_path)
+    assert [e.id for e, _ in plan([entry], store, model="tiny", model_hash=sha).done] == ["good"]
+
+    def changes(entries, **kwargs):
+        planned = plan(entries, store, **{"model": "tiny", "model_hash": sha, **kwargs})
+        assert not planned.todo and not planned.done
+        return [c for _, _, c in planned.changed]
+
+    assert changes(manifest(inputs, "good.png", web=False, etas=(0.8, 1.2))) == [["etas"]]
+    assert changes(manifest(inputs, "good.png", web=False, seed=7)) == [["config.seed"]]
+    assert changes([entry], model="other-model") == [["model"]]
+    assert changes([entry], model_hash="0" * 64) == [["model_sha256"]]
+    draw_scene(color=(30, 30, 200)).save(inputs / "good.png")  # same URI, new content
+    assert changes([entry]) == [["input_sha256"]]
+    assert plan([entry], store, model="tiny", check_inputs=False).done  # not looked at when told not to
+
+    # Redo: a new attempt folder; the finished one stays as it was.
+    [redo] = plan([entry], store, model="tiny", redo=Redo.changed).todo
+    assert (redo.attempt, redo.folder) == (2, "good@v2")
+    second = run_entry(editor, redo, store, model="tiny")
+    assert second["status"] == "succeeded" and second["attempt"] == 2
+    assert json.loads(store.read_bytes("good/record.json"))["created_at"] == first["created_at"]
+    assert store.exists("good/eta-0.80_seed-0.png") and store.exists("good@v2/eta-0.80_seed-0.png")
+    assert [e.id for e, _ in plan([entry], store, model="tiny").done] == ["good"]  # the latest answers it
+    [again] = plan([entry], store, model="tiny", redo=Redo.all).todo
+    assert again.folder == "good@v3"
 
 
 def test_a_finished_record_is_never_overwritten(editor, inputs, tmp_path):
@@ -90,8 +120,8 @@ def test_record_sheet_and_index_carry_the_selection(editor, inputs, tmp_path, ac
     assert 0.0 not in [item["eta"] for item in record["outputs"]["images"]]  # the η=0 check is not an output
     assert isinstance(record["reconstruction_fidelity"], float)
     selection = record["selection"]
-    report = batch_report("b2", [record], skipped=[], seconds=1.0)
-    html = report_html(report)
+    report = batch_report("b2", [record], seconds=1.0)
+    html = report_html(report, lambda key: key)
     if accept:
         assert selection["verdict"] == "selected" and selection["eta"] in (0.8, 1.0)
         source = store.read_bytes(f"good/{selection['source_file']}")
