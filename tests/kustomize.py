@@ -1,4 +1,5 @@
-"""Just enough kustomize for this repository's k8s/ (resources, namespace, images, JSON 6902 patches), in
+"""Just enough kustomize for this repository's k8s/ (resources, namespace, images, JSON 6902 patches,
+ConfigMaps generated from files without a name hash), in
 Python, so the manifests are rendered and validated where no `kubectl` is installed. Where `kubectl` is,
 the tests check this render is identical to `kubectl kustomize`.
 """
@@ -11,7 +12,8 @@ from pathlib import Path
 import yaml
 
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
-SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
+SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "images", "patches", "configMapGenerator",
+             "generatorOptions"}
 
 
 def render(directory: Path) -> list[dict]:
@@ -23,6 +25,17 @@ def render(directory: Path) -> list[dict]:
     for resource in kustomization.get("resources", []):
         path = (directory / resource).resolve()
         objects += render(path) if path.is_dir() else [o for o in yaml.safe_load_all(path.read_text()) if o]
+    if not kustomization.get("generatorOptions", {}).get("disableNameSuffixHash"):
+        if kustomization.get("configMapGenerator"):
+            raise ValueError(f"{directory}: this renderer supports generated ConfigMaps without a name hash only")
+    for generator in kustomization.get("configMapGenerator", []):
+        data = {Path(f).name: (directory / f).read_text() for f in generator["files"]}
+        if generator.get("behavior") == "merge":
+            [existing] = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == generator["name"]]
+            existing["data"].update(data)
+        else:
+            objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
+                            "data": data})
     if namespace := kustomization.get("namespace"):
         for obj in objects:
             if obj["kind"] not in CLUSTER_SCOPED:

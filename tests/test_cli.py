@@ -50,8 +50,8 @@ def test_render_adds_new_etas_from_the_saved_edit(input_file, tmp_path, tiny_dir
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--eta", "5"], "eta 5.0 is outside [0.0, 2.0]"),
-        (["--preset", "slow"], "unknown preset"),
+        (["--eta", "5"], "etas: must be a non-empty list of numbers in [0, 2]"),
+        (["--preset", "slow"], "'slow' is not one of"),
         (["--set", "finetune_steps=-3"], "finetune_steps"),
         (["--set", "mixed_precision=bf16", "--device", "cpu"], "need a CUDA device"),
     ],
@@ -83,7 +83,7 @@ def test_manifest_validate_reports_every_problem(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"image": "a.png", "target_text": "x", "etas": [9]}\n{"image": "b.png"}\n')
     result = runner.invoke(app, ["manifest", "validate", str(path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "line 1: etas: must be a non-empty list of numbers in [0, 2]" in result.output
     assert "line 2: target_text: Field required" in result.output
 
@@ -96,6 +96,60 @@ def test_manifest_validate_accepts_the_example():
 def test_manifest_schema_is_json():
     result = runner.invoke(app, ["manifest", "schema"])
     assert result.exit_code == 0 and "target_text" in json.loads(result.output)["entry"]["properties"]
+
+
+def test_edit_reads_an_s3_uri(s3_env, tmp_path, tiny_dir):
+    """`imagic edit s3://b/x.png` reads the object (a Path argument once collapsed `//` to `s3:/b/x.png`)."""
+    from imagic.storage import open_storage
+
+    path = tmp_path / "x.png"
+    draw_scene(size=64).save(path)
+    open_storage(f"s3://{s3_env}").write_bytes("in/x.png", path.read_bytes())
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["edit", f"s3://{s3_env}/in/x.png", "-t", "a blue circle", "--eta", "1.0",
+                                 "--model", str(tiny_dir), "--out", str(out), *QUICK])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "record.json").read_text())["input"]["uri"] == f"s3://{s3_env}/in/x.png"
+
+
+def test_the_version_and_defaults_are_shown():
+    assert runner.invoke(app, ["--version"]).output.startswith("imagic-batch ")
+    text = " ".join(runner.invoke(app, ["edit", "--help"], terminal_width=200).output.split())
+    assert "[default: 0.8,1.0,1.2,1.4,1.6,1.8,2.0]" in text and "[default: anchored]" in text
+
+
+def run_cli_in_a_fresh_process(*args: str) -> dict:
+    """Exit code, output and whether torch / Prefect were imported, in a new interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from typer.testing import CliRunner; from imagic.cli import app; "
+            f"r = CliRunner().invoke(app, {list(args)!r}); "
+            "print(json.dumps({'code': r.exit_code, 'output': r.output, "
+            "'torch': 'torch' in sys.modules, 'prefect': 'prefect' in sys.modules}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--help"], "Text-based editing"),
+    (["run", "missing.jsonl", "--output", "out"], "missing.jsonl: cannot read (No such file or directory)"),
+    (["run", "examples/manifest.jsonl", "--output", "ftp://x/y"], "unsupported storage URI 'ftp://x/y'"),
+    (["run", "examples/manifest.txt", "--output", "out"], "unknown manifest format"),
+])
+def test_help_and_a_bad_run_answer_without_torch_or_prefect(args, message):
+    """A bad file: one line and exit 2, before Prefect starts and without retries (it once took 44 s)."""
+    result = run_cli_in_a_fresh_process(*args)
+    assert message in " ".join(result["output"].split())
+    assert result["code"] == (0 if args == ["--help"] else 2) and "Traceback" not in result["output"]
+    assert not result["torch"] and not result["prefect"]
+    if args != ["--help"]:
+        assert len(result["output"].strip().splitlines()) == 1
+
+
+def test_status_of_a_missing_output_is_an_error(tmp_path):
+    result = runner.invoke(app, ["status", str(tmp_path / "typo")])
+    assert result.exit_code == 2 and "no outputs here" in result.output
 
 
 def test_status_counts_finished_and_failed(tmp_path):

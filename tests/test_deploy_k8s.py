@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 OVERLAYS = ["gke-a100", "eks-a100", "dev"]
 KUBERNETES_VERSION = "1.33.0"
-sys.path.insert(0, str(K8S / "work-pools"))
-import build as job_templates  # noqa: E402  (k8s/work-pools/build.py)
+sys.path.insert(0, str(K8S / "base" / "work-pools"))
+import build as job_templates  # noqa: E402  (k8s/base/work-pools/build.py)
 
 
 def validate(obj: dict) -> None:
@@ -77,7 +77,7 @@ def test_the_worker_role_is_namespaced_and_covers_what_the_worker_does():
 
 def test_committed_job_templates_are_up_to_date():
     for path, template in job_templates.outputs().items():
-        assert path.read_text() == job_templates.render(template), f"{path}: run python k8s/work-pools/build.py"
+        assert path.read_text() == job_templates.render(template), f"{path}: run python k8s/base/work-pools/build.py"
 
 
 def job_for(template_file: Path, job_variables: dict) -> dict:
@@ -127,7 +127,7 @@ def test_gpu_job_has_gpu_placement_cache_and_settings(prefect, overlay, selector
 
 
 def test_job_variables_override_the_template(prefect):
-    job = job_for(K8S / "work-pools" / "imagic-gpu.json",
+    job = job_for(K8S / "base" / "work-pools" / "imagic-gpu.json",
                   {"image": "img:1", "gpu_count": 2, "node_selector": {"pool": "a100-80gb"},
                    "tolerations": [], "memory_limit": "120Gi"})
     validate(job)
@@ -137,19 +137,31 @@ def test_job_variables_override_the_template(prefect):
 
 
 def test_cpu_pool_job_asks_for_no_gpu(prefect):
-    job = job_for(K8S / "work-pools" / "imagic-cpu.json", {"image": "img:1"})
+    job = job_for(K8S / "base" / "work-pools" / "imagic-cpu.json", {"image": "img:1"})
     validate(job)
     limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits.get("nvidia.com/gpu", 0) == 0
 
 
-def test_prefect_yaml_pools_are_the_ones_the_docs_create():
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_worker_creates_its_pool_from_the_projects_template(overlay):
+    """A kubernetes worker creates a missing pool; started before the pool existed, it once got Prefect's
+    default template and the guide's `work-pool create` then failed. Now the template travels with it."""
+    objects = render(K8S / "overlays" / overlay)
+    [templates] = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "imagic-work-pools"]
     project = yaml.safe_load((REPO / "prefect.yaml").read_text())
     pools = {d["work_pool"]["name"] for d in project["deployments"]}
-    guide = (REPO / "docs" / "deploy.md").read_text()
+    workers = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
     for pool in pools:
-        assert f"prefect work-pool create {pool} --type kubernetes" in guide
-        assert (K8S / "work-pools" / f"{pool}.json").is_file()
+        pod = workers[f"prefect-worker-{pool.removeprefix('imagic-')}"]["spec"]["template"]["spec"]
+        args = pod["containers"][0]["args"]
+        path = Path(args[args.index("--base-job-template") + 1])
+        [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(path.parent)]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["configMap"]["name"] == "imagic-work-pools" and args[args.index("--pool") + 1] == pool
+        own = K8S / "overlays" / overlay / f"{pool}.json"
+        expected = own if own.is_file() else K8S / "base" / "work-pools" / f"{pool}.json"
+        assert templates["data"][path.name] == expected.read_text()
 
 
 @pytest.mark.parametrize("template", sorted(K8S.glob("**/imagic-*.json")), ids=lambda p: str(p.relative_to(K8S)))

@@ -61,6 +61,33 @@ def test_bulk_edit_local_is_resumable(prefect, tmp_path, tiny_dir):
     assert index.count("contact_sheet.png") == 2
 
 
+def test_a_rerun_with_another_request_reports_changed_and_redoes_only_when_asked(prefect, tmp_path, tiny_dir):
+    from flows.bulk_edit import bulk_edit
+
+    draw_scene().save(tmp_path / "a.png")
+    rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
+            {"id": "a", "image": str(tmp_path / "a.png"), "target_text": "a blue circle"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert bulk_edit(str(manifest), str(out), model=str(tiny_dir), return_state=True).message.startswith("1 succeeded")
+    first = (out / "a" / "record.json").read_text()
+
+    # Another config for the same id: not silently skipped, not redone, and said so.
+    state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), overrides={"seed": 3}, return_state=True)
+    assert state.is_completed() and "1 changed (not redone: --redo changed)" in state.message
+    report = json.loads(next(out.glob("_batches/*/report.json")).read_text())
+    assert report["changed"] == [{"entry_id": "a", "changes": ["config.seed"]}]
+    assert not (out / "a@v2").exists() and (out / "a" / "record.json").read_text() == first
+
+    state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), overrides={"seed": 3}, redo="changed",
+                      return_state=True)
+    assert state.message.startswith("1 succeeded")
+    assert json.loads((out / "a@v2" / "record.json").read_text())["config"]["seed"] == 3
+    assert (out / "a" / "record.json").read_text() == first  # the earlier attempt is kept as it was
+    assert len(list(out.glob("_batches/*/runs/*/report.json"))) == 3  # every run's report is kept
+
+
 def test_invalid_manifest_fails_before_any_work(prefect, tmp_path):
     from flows.bulk_edit import bulk_edit
     from imagic.manifest import ManifestError
@@ -99,6 +126,14 @@ def test_imagic_run_into_s3_then_status(prefect, tmp_path, tiny_dir, monkeypatch
         status = runner.invoke(app, ["status", "s3://outputs/batch-1"])
         assert status.exit_code == 0
         assert "2 finished, 5 failed" in " ".join(status.output.split())
+        s3 = boto3.client("s3")
+        assert s3.head_object(Bucket="outputs", Key="batch-1/a/record.json")["ContentType"] == "application/json"
+        index = next(k for k in keys if k.endswith("/index.html"))
+        assert s3.head_object(Bucket="outputs", Key=index)["ContentType"] == "text/html"
+        assert s3.head_object(Bucket="outputs", Key="batch-1/a/contact_sheet.png")["ContentType"] == "image/png"
+        # A missing bucket says so (not "storage key '.' must be a relative path").
+        missing = runner.invoke(app, ["status", "s3://no-such-bucket/x"])
+        assert missing.exit_code == 2 and "no bucket 'no-such-bucket'" in " ".join(missing.output.split())
     finally:
         server.stop()
 

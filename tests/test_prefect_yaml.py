@@ -54,3 +54,14 @@ def test_schedules_parse():
 
     for schedule in DEPLOYMENTS["nightly-augment"]["schedules"]:
         CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+
+
+def test_the_scheduled_deployment_never_piles_up_and_runs_are_findable():
+    """The nightly run has a concurrency limit; both flows name their runs from their parameters."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    limit = ConcurrencyLimitConfig(**DEPLOYMENTS["nightly-augment"]["concurrency_limit"])  # what deploy sends
+    assert limit.limit == 1 and limit.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    for name in ("bulk-edit", "edit-chunk"):
+        flow = load_flow(DEPLOYMENTS[name]["entrypoint"])
+        assert callable(flow.flow_run_name)

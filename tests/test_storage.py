@@ -88,3 +88,44 @@ def test_read_uri_from_s3_path_and_http(s3_env, tmp_path):
 def test_unsupported_uri():
     with pytest.raises(ValueError, match="unsupported storage URI"):
         open_storage("gs://bucket/x")
+
+
+def test_local_files_are_readable_by_others(tmp_path):
+    """Colleagues and web servers read a shared output (mkstemp alone makes 0600 files)."""
+    import os
+    import stat
+
+    store = LocalStorage(tmp_path / "out")
+    store.write_bytes("e1/record.json", b"{}")
+    store.write_bytes("e1/record2.json", b"{}", if_absent=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("record.json", "record2.json"):
+        assert stat.S_IMODE((tmp_path / "out" / "e1" / name).stat().st_mode) == 0o644 & ~umask
+
+
+def test_s3_errors_carry_the_real_cause_and_whether_to_retry(s3_env):
+    from imagic.storage import is_transient
+
+    with pytest.raises(StorageError) as missing_bucket:
+        open_storage("s3://no-such-bucket/x").list()
+    assert "no bucket 'no-such-bucket'" in str(missing_bucket.value) and not is_transient(missing_bucket.value)
+    with pytest.raises(StorageError) as missing_key:
+        open_storage(f"s3://{s3_env}").read_bytes("nope.png")
+    assert "NoSuchKey" in str(missing_key.value) and not is_transient(missing_key.value)
+    with pytest.raises(StorageError) as unreachable:
+        S3Storage("b", endpoint_url="http://127.0.0.1:9").read_bytes("x")
+    assert is_transient(unreachable.value)
+
+
+def test_s3_objects_have_a_content_type_and_a_presigned_link(s3_env):
+    import urllib.request
+
+    store = open_storage(f"s3://{s3_env}/p")
+    store.write_bytes("_batches/b/index.html", b"<p>hi</p>")
+    head = store.client.head_object(Bucket=s3_env, Key="p/_batches/b/index.html")
+    assert head["ContentType"] == "text/html"
+    link = store.share_url("_batches/b/index.html")
+    assert "X-Amz-Signature=" in link or "Signature=" in link
+    with urllib.request.urlopen(link) as response:  # a browser needs no credentials
+        assert response.read() == b"<p>hi</p>"

@@ -1,11 +1,11 @@
 """Write the base job templates of the `kubernetes` work pools, derived from prefect-kubernetes' own default.
 
-    python k8s/work-pools/build.py        # after upgrading prefect-kubernetes, or editing a setting below
+    python k8s/base/work-pools/build.py        # after upgrading prefect-kubernetes, or editing a setting below
 
 Outputs (commit them; tests check they are up to date):
-  k8s/work-pools/imagic-gpu.json, imagic-cpu.json     generic: any cluster with the NVIDIA device plugin
+  k8s/base/work-pools/imagic-gpu.json, imagic-cpu.json     generic: any cluster with the NVIDIA device plugin
   k8s/overlays/<overlay>/imagic-gpu.json              the same GPU template with that cloud's A100 defaults
-Apply one with: prefect work-pool create imagic-gpu --type kubernetes --base-job-template FILE
+The workers create their pool from these at first start (k8s/base/worker.yaml: a ConfigMap, `--base-job-template`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import copy
 import json
 from pathlib import Path
 
-K8S = Path(__file__).resolve().parents[1]
+K8S = Path(__file__).resolve().parents[2]
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 # What differs per pool: the pod's size and where it may run.
@@ -89,7 +89,7 @@ def build(pool: dict) -> dict:
 
 
 def outputs() -> dict[Path, dict]:
-    files = {K8S / "work-pools" / f"{name}.json": build(pool) for name, pool in POOLS.items()}
+    files = {K8S / "base" / "work-pools" / f"{name}.json": build(pool) for name, pool in POOLS.items()}
     for overlay, changes in OVERLAYS.items():
         files[K8S / "overlays" / overlay / "imagic-gpu.json"] = build({**POOLS["imagic-gpu"], **changes})
     return files
