@@ -409,10 +409,13 @@ class _errors:
         from imagic.model_store import ModelError
         from imagic.storage import StorageError
 
+        if isinstance(error, ManifestError) and len(error.problems) == 1:
+            console.print(f"[red]error:[/] {escape(error.problems[0])}", soft_wrap=True)
+            raise typer.Exit(2)
         if isinstance(error, ManifestError):  # every problem, one per line
             for problem in error.problems:
                 console.print(escape(problem), soft_wrap=True)
-            console.print(f"[red]{len(error.problems)} problem(s)[/]")
+            console.print(f"[red]{len(error.problems)} problems[/]")
             raise typer.Exit(2)
         if isinstance(error, ValidationError):
             details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())

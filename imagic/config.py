@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 # η interpolates e_tgt (η=1) and e_opt (η=0); peers extrapolate a little past 1 (~1.2).
 ETA_MIN, ETA_MAX = 0.0, 2.0
 DEFAULT_ETAS = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # wide: the selection picks (README, toy benchmark)
 DEFAULT_SEEDS = (0,)
-DEFAULT_MODEL = "toy"  # the shipped toy model: what runs when no model is named (imagic/models.py resolves it)
+DEFAULT_MODEL = "toy"
+
+
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError("must not repeat")
+    return values
+
+
+# The η and seed rules, once: the manifest, the config checks, the CLI and the JSON Schema all use these.
+Etas = Annotated[list[Annotated[float, Field(ge=ETA_MIN, le=ETA_MAX)]],
+                 Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_distinct)]
+Seeds = Annotated[list[Annotated[int, Field(ge=0)]],
+                  Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_distinct)]
+GRID_MESSAGES = {"etas": f"must be a non-empty list of distinct numbers in [{ETA_MIN:g}, {ETA_MAX:g}]",
+                 "seeds": "must be a non-empty list of distinct non-negative integers"}  # the shipped toy model: what runs when no model is named (imagic/models.py resolves it)
 LORA_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 # peft wraps Conv2d too: the ResNet convolutions and the transformer blocks' in/out projections.
 LORA_CONVOLUTION = ("conv1", "conv2", "conv_shortcut", "proj_in", "proj_out")
@@ -112,17 +127,13 @@ def make_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> EditConfig:
     return EditConfig(**{**PRESETS[preset], **overrides})
 
 
-def check_grid(etas: list[float] | tuple[float, ...], seeds: list[int] | tuple[int, ...]) -> None:
-    """Raise ValueError naming the first bad η or seed."""
-    if not etas:
-        raise ValueError("etas: need at least one value")
-    if not seeds:
-        raise ValueError("seeds: need at least one value")
-    for eta in etas:
-        if not ETA_MIN <= eta <= ETA_MAX:
-            raise ValueError(f"eta {eta} is outside [{ETA_MIN}, {ETA_MAX}]")
-    for seed in seeds:
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed {seed} must be a non-negative integer")
-    if len(set(etas)) != len(etas) or len(set(seeds)) != len(seeds):
-        raise ValueError("etas and seeds must not repeat")
+_GRID = {"etas": TypeAdapter(Etas), "seeds": TypeAdapter(Seeds)}
+
+
+def check_grid(etas, seeds) -> None:
+    """Raise ValueError (`etas: must be …`) when the η grid or the seeds break the rules above."""
+    for name, values in (("etas", etas), ("seeds", seeds)):
+        try:
+            _GRID[name].validate_python(list(values), strict=False)
+        except ValidationError:
+            raise ValueError(f"{name}: {GRID_MESSAGES[name]}, got {list(values)}") from None

@@ -17,13 +17,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from imagic.config import DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, ETA_MAX, ETA_MIN, PRESETS, EditConfig, make_config
+from imagic.config import (DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, GRID_MESSAGES, PRESETS, EditConfig, Etas,
+                           Seeds, make_config)
 from imagic.layout import attempt_folder
 
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 IMAGE_SCHEMES = ("s3://", "file://", "http://", "https://")
-ETAS_MESSAGE = f"must be a non-empty list of numbers in [{ETA_MIN:g}, {ETA_MAX:g}]"
 
 
 class ManifestError(ValueError):
@@ -34,32 +34,13 @@ class ManifestError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in manifest:\n" + "\n".join(problems))
 
 
-def _check_etas(value: list[float] | None) -> list[float] | None:
-    if value is not None and (not value or any(not ETA_MIN <= eta <= ETA_MAX for eta in value)):
-        raise ValueError(ETAS_MESSAGE)
-    return value
-
-
-def _check_seeds(value: list[int] | None) -> list[int] | None:
-    if value is not None and (not value or any(seed < 0 for seed in value) or len(set(value)) != len(value)):
-        raise ValueError("must be a non-empty list of distinct non-negative integers")
-    return value
-
-
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # The schema keywords document the rules for readers of the JSON Schema; the validators enforce them
-    # with one message per field.
-    etas: list[float] | None = Field(None, json_schema_extra={
-        "items": {"type": "number", "minimum": ETA_MIN, "maximum": ETA_MAX}, "minItems": 1})
-    seeds: list[int] | None = Field(None, json_schema_extra={
-        "items": {"type": "integer", "minimum": 0}, "minItems": 1, "uniqueItems": True})
+    etas: Etas | None = None  # the rules live in imagic/config.py, with the config's
+    seeds: Seeds | None = None
     preset: str | None = Field(None, json_schema_extra={"examples": list(PRESETS)})
     overrides: dict[str, Any] = Field(default_factory=dict, description="EditConfig fields, e.g. finetune_steps")
-
-    _etas = field_validator("etas")(_check_etas)
-    _seeds = field_validator("seeds")(_check_seeds)
 
 
 class Defaults(_Common):
@@ -232,8 +213,6 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
         return [f"line {line}: preset: {err}"]
     etas = tuple(spec.etas or defaults.etas or DEFAULT_ETAS)
     seeds = tuple(spec.seeds or defaults.seeds or DEFAULT_SEEDS)
-    if len(set(etas)) != len(etas):
-        return [f"line {line}: etas: must not repeat"]
     eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
     return Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas, seeds=seeds,
                  preset=chosen_preset, config=config, model=defaults.model)
@@ -244,10 +223,10 @@ def _messages(err: ValidationError, where: str) -> list[str]:
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "entry"
         message = e["msg"].removeprefix("Value error, ")
-        if field.startswith("etas") and e["type"] != "value_error":
-            message = ETAS_MESSAGE
+        if field in GRID_MESSAGES:  # one message per field, not one per list item
+            message = GRID_MESSAGES[field]
         out.append(f"{where}: {field}: {message}")
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _read_jsonl(text: str, problems: list[str], line_problems: dict[int, list[str]]):

@@ -135,18 +135,23 @@ def parquet_bytes(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+CURRENT = ("succeeded", "already_done", "finished_before")  # rows whose outputs answer the manifest as it is now
+
+
 def metadata_jsonl(rows: list[dict], store: Storage) -> bytes:
-    """The store's ImageFolder metadata: this batch's images, plus earlier lines of entries not in it."""
+    """The store's ImageFolder metadata: every output that answers its entry's current request (this batch's,
+    plus earlier lines of entries not in it), sorted, with nothing run-dependent in it: an unchanged batch
+    writes the same bytes."""
     ours = {row["entry_id"] for row in rows}
     try:
         earlier = [json.loads(line) for line in store.read_bytes(METADATA_FILE).decode().splitlines() if line]
     except StorageError:
         earlier = []
-    kept = [line for line in earlier if line.get("entry_id") not in ours]
-    keys = ("file_name", "entry_id", "attempt", "status", "input_uri", "target_text", "model", "eta", "seed",
-            "edit", "fidelity", "selected", "batch_id")
-    new = [{key: row[key] for key in keys} for row in rows if row["file_name"]]
-    return "".join(json.dumps(line) + "\n" for line in kept + new).encode()
+    keys = ("file_name", "entry_id", "attempt", "input_uri", "target_text", "model", "eta", "seed", "edit",
+            "fidelity", "selected")
+    lines = [line for line in earlier if line.get("entry_id") not in ours]
+    lines += [{key: row[key] for key in keys} for row in rows if row["file_name"] and row["status"] in CURRENT]
+    return "".join(json.dumps(line) + "\n" for line in sorted(lines, key=lambda line: line["file_name"])).encode()
 
 
 def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict[str, str]:
@@ -161,7 +166,9 @@ def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict
         store.write_bytes(index_key, report_html(report, lambda key, at=index_key: relative_link(at, key)).encode())
     shared_key = batch_key(report["batch_id"], SHARED_INDEX_FILE, run)
     store.write_bytes(shared_key, report_html(report, store.share_url).encode())
-    store.write_bytes(METADATA_FILE, metadata_jsonl(rows, store))
+    metadata = metadata_jsonl(rows, store)
+    if not store.exists(METADATA_FILE) or store.read_bytes(METADATA_FILE) != metadata:
+        store.write_bytes(METADATA_FILE, metadata)
     where = {"report": store.url_for(batch_key(report["batch_id"], REPORT_FILE)),
              "index": store.url_for(batch_key(report["batch_id"], INDEX_FILE)),
              "dataset": store.url_for(batch_key(report["batch_id"], DATASET_FILE)),

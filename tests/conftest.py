@@ -38,6 +38,19 @@ def toy_editor():
     return Editor(load_pipeline("toy"))
 
 
+# Few steps of everything, as manifest overrides: for plumbing tests, not quality.
+QUICK = {"embedding_steps": 2, "finetune_steps": 2, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="session")
+def prefect():
+    """A temporary Prefect API server for the whole session (Prefect's own test harness)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def quick_config():
     """Few steps of everything: for plumbing, not quality."""

@@ -12,9 +12,8 @@ from imagic.model_store import model_sha256
 from imagic.report import batch_report, report_html
 from imagic.storage import LocalStorage
 
-from .conftest import draw_scene
+from .conftest import QUICK, draw_scene
 
-QUICK = {"embedding_steps": 3, "finetune_steps": 3, "num_inference_steps": 3}
 
 
 @pytest.fixture

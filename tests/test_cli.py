@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from imagic.cli import app
 
-from .conftest import draw_scene
+from .conftest import QUICK, draw_scene
 
 runner = CliRunner()
-QUICK = ["--set", "embedding_steps=4", "--set", "finetune_steps=4", "--set", "num_inference_steps=3"]
+QUICK_ARGS = [arg for key, value in QUICK.items() for arg in ("--set", f"{key}={value}")]
 
 
 @pytest.fixture
@@ -24,15 +24,16 @@ def test_edit_writes_images_sheet_artifacts_and_record(input_file, tmp_path, tin
     out = tmp_path / "out"
     result = runner.invoke(app, ["edit", str(input_file), "--target", "a blue circle", "--eta", "0.6,0.8",
                                  "--eta", "1.1", "--seed", "0", "--seed", "5", "--model", str(tiny_dir),
-                                 "--out", str(out), "--device", "cpu", *QUICK])
+                                 "--out", str(out), "--device", "cpu", *QUICK_ARGS])
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
     expected = {f"eta-{e}_seed-{s}.png" for e in ("0.60", "0.80", "1.10") for s in (0, 5)}
     assert expected | {"input.png", "contact_sheet.png", "record.json", "artifacts"} == names
     record = json.loads((out / "record.json").read_text())
     assert record["etas"] == [0.6, 0.8, 1.1] and record["seeds"] == [0, 5]
-    assert record["config"]["finetune_method"] == "lora" and record["config"]["finetune_steps"] == 4
-    assert len(record["losses"]["embedding"]) == 4 and record["seconds"]["total"] > 0
+    assert record["config"]["finetune_method"] == "lora"
+    assert record["config"]["finetune_steps"] == QUICK["finetune_steps"]
+    assert len(record["losses"]["embedding"]) == QUICK["embedding_steps"] and record["seconds"]["total"] > 0
     assert len(record["input"]["sha256"]) == 64 and record["versions"]["torch"]
     assert Image.open(out / "contact_sheet.png").width > 4 * 32
 
@@ -40,7 +41,7 @@ def test_edit_writes_images_sheet_artifacts_and_record(input_file, tmp_path, tin
 def test_render_adds_new_etas_from_the_saved_edit(input_file, tmp_path, tiny_dir):
     out = tmp_path / "out"
     args = ["edit", str(input_file), "-t", "a blue circle", "--eta", "1.0", "--model", str(tiny_dir),
-            "--out", str(out), *QUICK]
+            "--out", str(out), *QUICK_ARGS]
     assert runner.invoke(app, args).exit_code == 0
     result = runner.invoke(app, ["render", str(out), "--eta", "1.0,1.2", "--seed", "2"])
     assert result.exit_code == 0, result.output
@@ -50,7 +51,7 @@ def test_render_adds_new_etas_from_the_saved_edit(input_file, tmp_path, tiny_dir
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--eta", "5"], "etas: must be a non-empty list of numbers in [0, 2]"),
+        (["--eta", "5"], "etas: must be a non-empty list of distinct numbers in [0, 2]"),
         (["--preset", "slow"], "'slow' is not one of"),
         (["--set", "finetune_steps=-3"], "finetune_steps"),
         (["--set", "mixed_precision=bf16", "--device", "cpu"], "need a CUDA device"),
@@ -84,7 +85,7 @@ def test_manifest_validate_reports_every_problem(tmp_path):
     path.write_text('{"image": "a.png", "target_text": "x", "etas": [9]}\n{"image": "b.png"}\n')
     result = runner.invoke(app, ["manifest", "validate", str(path)])
     assert result.exit_code == 2
-    assert "line 1: etas: must be a non-empty list of numbers in [0, 2]" in result.output
+    assert "line 1: etas: must be a non-empty list of distinct numbers in [0, 2]" in result.output
     assert "line 2: target_text: Field required" in result.output
 
 
@@ -107,15 +108,15 @@ def test_edit_reads_an_s3_uri(s3_env, tmp_path, tiny_dir):
     open_storage(f"s3://{s3_env}").write_bytes("in/x.png", path.read_bytes())
     out = tmp_path / "out"
     result = runner.invoke(app, ["edit", f"s3://{s3_env}/in/x.png", "-t", "a blue circle", "--eta", "1.0",
-                                 "--model", str(tiny_dir), "--out", str(out), *QUICK])
+                                 "--model", str(tiny_dir), "--out", str(out), *QUICK_ARGS])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "record.json").read_text())["input"]["uri"] == f"s3://{s3_env}/in/x.png"
 
 
 def test_the_version_and_defaults_are_shown():
     assert runner.invoke(app, ["--version"]).output.startswith("imagic-batch ")
-    text = " ".join(runner.invoke(app, ["edit", "--help"], terminal_width=200).output.split())
-    assert "[default: 0.8,1.0,1.2,1.4,1.6,1.8,2.0]" in text and "[default: anchored]" in text
+    text = " ".join(runner.invoke(app, ["edit", "--help"], env={"COLUMNS": "250"}).output.split())
+    assert "[default: (0.8,1.0,1.2,1.4,1.6,1.8,2.0)]" in text and "[default: anchored]" in text
 
 
 def run_cli_in_a_fresh_process(*args: str) -> dict:

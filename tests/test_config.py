@@ -52,10 +52,12 @@ def test_config_round_trips_through_json():
 
 @pytest.mark.parametrize(
     "etas, seeds, message",
-    [([], [0], "etas"), ([0.5], [], "seeds"), ([2.5], [0], "eta 2.5"), ([-0.1], [0], "eta -0.1"),
-     ([0.5], [-1], "seed -1"), ([0.5, 0.5], [0], "repeat")],
+    [([], [0], "etas: "), ([0.5], [], "seeds: "), ([2.5], [0], r"etas: .*got \[2.5\]"),
+     ([-0.1], [0], r"etas: .*\[0, 2\]"), ([0.5], [-1], "seeds: .*non-negative"), ([0.5, 0.5], [0], "etas: .*distinct"),
+     ([0.5], [1.5], "seeds: .*integers")],
 )
 def test_bad_grid(etas, seeds, message):
+    """The same rules, and words, as a manifest's (one annotated type in imagic/config.py)."""
     with pytest.raises(ValueError, match=message):
         check_grid(etas, seeds)
 

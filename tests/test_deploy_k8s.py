@@ -94,14 +94,6 @@ def job_for(template_file: Path, job_variables: dict) -> dict:
     return configuration.job_manifest
 
 
-@pytest.fixture(scope="module")
-def prefect():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.parametrize("overlay, selector", [
     ("gke-a100", {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}),
     ("eks-a100", {"karpenter.k8s.aws/instance-gpu-name": "a100", "karpenter.sh/capacity-type": "on-demand"}),

@@ -5,17 +5,8 @@ from collections import Counter
 
 import pytest
 
-from .conftest import draw_scene
+from .conftest import QUICK, draw_scene
 
-QUICK = {"embedding_steps": 2, "finetune_steps": 2, "num_inference_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def prefect():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def write_manifest(folder, tiny_dir):
@@ -99,43 +90,32 @@ def test_invalid_manifest_fails_before_any_work(prefect, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_imagic_run_into_s3_then_status(prefect, tmp_path, tiny_dir, monkeypatch):
+def test_imagic_run_into_s3_then_status(prefect, tmp_path, tiny_dir, s3_env):
     """The CLI's `run` through the flow into S3 over HTTP (moto's server), then `status` on it."""
     import boto3
-    from moto.server import ThreadedMotoServer
     from typer.testing import CliRunner
 
     from imagic.cli import app
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "k",
-                           "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        boto3.client("s3").create_bucket(Bucket="outputs")
-        manifest = write_manifest(tmp_path, tiny_dir)
-        runner = CliRunner()
-        result = runner.invoke(app, ["run", str(manifest), "--output", "s3://outputs/batch-1",
-                                     "--model", str(tiny_dir), "--chunk-size", "3", "--max-failure-fraction", "0.75"])
-        assert result.exit_code == 0, result.output
-        assert "2 succeeded, 5 failed, 0 skipped" in " ".join(result.output.split())
-        keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="outputs")["Contents"]}
-        assert {"batch-1/a/record.json", "batch-1/b/contact_sheet.png", "batch-1/bad/error.json"} <= keys
-        status = runner.invoke(app, ["status", "s3://outputs/batch-1"])
-        assert status.exit_code == 0
-        assert "2 finished, 5 failed" in " ".join(status.output.split())
-        s3 = boto3.client("s3")
-        assert s3.head_object(Bucket="outputs", Key="batch-1/a/record.json")["ContentType"] == "application/json"
-        index = next(k for k in keys if k.endswith("/index.html"))
-        assert s3.head_object(Bucket="outputs", Key=index)["ContentType"] == "text/html"
-        assert s3.head_object(Bucket="outputs", Key="batch-1/a/contact_sheet.png")["ContentType"] == "image/png"
-        # A missing bucket says so (not "storage key '.' must be a relative path").
-        missing = runner.invoke(app, ["status", "s3://no-such-bucket/x"])
-        assert missing.exit_code == 2 and "no bucket 'no-such-bucket'" in " ".join(missing.output.split())
-    finally:
-        server.stop()
+    manifest = write_manifest(tmp_path, tiny_dir)
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(manifest), "--output", f"s3://{s3_env}/batch-1",
+                                 "--model", str(tiny_dir), "--chunk-size", "3", "--max-failure-fraction", "0.75"])
+    assert result.exit_code == 0, result.output
+    assert "2 succeeded, 5 failed, 0 skipped" in " ".join(result.output.split())
+    s3 = boto3.client("s3")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_env)["Contents"]}
+    assert {"batch-1/a/record.json", "batch-1/b/contact_sheet.png", "batch-1/bad/error.json"} <= keys
+    status = runner.invoke(app, ["status", f"s3://{s3_env}/batch-1"])
+    assert status.exit_code == 0
+    assert "2 finished, 5 failed" in " ".join(status.output.split())
+    assert s3.head_object(Bucket=s3_env, Key="batch-1/a/record.json")["ContentType"] == "application/json"
+    index = next(k for k in keys if k.endswith("/index.html"))
+    assert s3.head_object(Bucket=s3_env, Key=index)["ContentType"] == "text/html"
+    assert s3.head_object(Bucket=s3_env, Key="batch-1/a/contact_sheet.png")["ContentType"] == "image/png"
+    # A missing bucket says so (not "storage key '.' must be a relative path").
+    missing = runner.invoke(app, ["status", "s3://no-such-bucket/x"])
+    assert missing.exit_code == 2 and "no bucket 'no-such-bucket'" in " ".join(missing.output.split())
 
 
 def test_augment_edits_each_image_times_template_once(prefect, tmp_path, tiny_dir):

@@ -35,7 +35,7 @@ def test_every_problem_is_reported_with_its_line():
     with pytest.raises(ManifestError) as caught:
         parse_manifest(text, "jsonl")
     problems = caught.value.problems
-    assert "line 2: etas: must be a non-empty list of numbers in [0, 2]" in problems
+    assert "line 2: etas: must be a non-empty list of distinct numbers in [0, 2]" in problems
     assert any(p.startswith("line 3: id: must be") for p in problems)
     assert "line 4: id: 'a' duplicates line 1" in problems
     assert any(p.startswith("line 5: image: unsupported scheme") for p in problems)
@@ -57,7 +57,7 @@ def test_csv_lists_and_rows():
             "c,c.png,x,lots,\n")
     with pytest.raises(ManifestError) as caught:
         parse_manifest(text, "csv")
-    assert caught.value.problems == ["line 4: etas: must be a non-empty list of numbers in [0, 2]"]
+    assert caught.value.problems == ["line 4: etas: must be a non-empty list of distinct numbers in [0, 2]"]
     entries = parse_manifest(text.rsplit("c,c.png", 1)[0], "csv")
     assert entries[0].etas == (0.6, 0.8) and entries[0].seeds == (0, 1) and entries[1].etas == (1.0, 1.2)
 
@@ -121,7 +121,7 @@ def test_lenient_validation_rejects_only_the_bad_entries():
     entries, rejected, file_problems = validate_manifest(text, "jsonl")
     assert [e.id for e in entries] == ["a"] and file_problems == []
     assert [(r.line, r.id) for r in rejected] == [(2, "b"), (3, "invalid-line-3"), (4, "invalid-line-4")]
-    assert rejected[0].problems == ["line 2: etas: must be a non-empty list of numbers in [0, 2]"]
+    assert rejected[0].problems == ["line 2: etas: must be a non-empty list of distinct numbers in [0, 2]"]
     assert rejected[1].image == "c.png"
 
 

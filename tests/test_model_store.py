@@ -24,7 +24,9 @@ def test_s3_model_is_synced_once_and_loads(s3_env, tiny_dir, tmp_path, monkeypat
     directory = local_model(f"s3://{s3_env}/models/tiny/v1/")
     assert directory.startswith(str(tmp_path / "cache")) and (tmp_path / "cache").joinpath(
         "models", "s3", s3_env, "models/tiny/v1", SYNC_MARKER).is_file()
-    synced, original = load_pipeline(directory).unet.state_dict(), load_pipeline(str(tiny_dir)).unet.state_dict()
+    # load_pipeline resolves s3:// itself (one place for model resolution, every command and flow).
+    synced = load_pipeline(f"s3://{s3_env}/models/tiny/v1/").unet.state_dict()
+    original = load_pipeline(str(tiny_dir)).unet.state_dict()
     assert synced.keys() == original.keys() and all(torch.equal(synced[k], original[k]) for k in synced)
     assert model_sha256(directory) == model_sha256(str(tiny_dir))
 

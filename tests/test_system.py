@@ -14,10 +14,9 @@ import pytest
 
 from flows.testing import REPO, LocalCluster, stop, wait_until
 
-from .conftest import draw_scene
+from .conftest import QUICK, draw_scene
 
 POOL = "system-test-pool"
-QUICK = {"embedding_steps": 2, "finetune_steps": 2, "num_inference_steps": 2}
 
 
 @pytest.fixture(scope="module")
