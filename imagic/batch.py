@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 
-from imagic.editor import Editor, ProgressCallback
+from imagic.editor import Editor, ProgressCallback, failure_reason
 from imagic.images import ImageError, load_image
 from imagic.layout import ERROR_FILE, RECORD_FILE, SHEET_FILE, scan
 from imagic.manifest import Entry, Rejected
@@ -129,7 +129,11 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
     except ImageError as err:
         return fail("input_not_an_image", str(err))
     except ValueError as err:  # e.g. target text longer than the model takes, a CUDA-only option on CPU
+        editor.recover()
         return fail("invalid_request", str(err))
+    except Exception as err:  # CUDA out of memory, a kernel or model error: this entry fails, the chunk goes on
+        editor.recover()
+        return fail(*failure_reason(err))
 
     files = result.to_files()
     files[SHEET_FILE] = png_bytes(

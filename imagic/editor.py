@@ -33,6 +33,7 @@ from imagic.selection import select
 # (stage, step, total_steps, loss): how the engine reports progress without knowing who listens.
 ProgressCallback = Callable[[str, int, int, float], None]
 LORA_ADAPTER = "imagic"
+LORA_TARGET_EXAMPLES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in")
 
 
 class Editor:
@@ -134,7 +135,15 @@ class Editor:
             self.restore()
 
     def check_inputs(self, config: EditConfig, etas, seeds) -> None:
+        """ValueError for a request this pipeline cannot run, before anything is changed."""
         check_grid(list(etas), list(seeds))
+        if config.finetune_method == "lora":
+            # peft fails only after it has started wrapping modules: name the targets it would miss first.
+            names = [name for name, _ in self.unet.named_modules()]
+            missing = [t for t in config.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                raise ValueError(f"lora_target_modules {missing} name no module of this UNet "
+                                 f"(e.g. {', '.join(LORA_TARGET_EXAMPLES)})")
         if self.device.type != "cuda":
             cuda_only = []
             if config.mixed_precision != "no":
@@ -410,6 +419,20 @@ class Editor:
         self.unet.requires_grad_(False)
         self._unet_modified = False
 
+    def recover(self) -> None:
+        """After a failed edit: the model exactly as it was loaded (no LoRA layer left, even half-added ones;
+        base weights back), and the GPU's cached memory freed, so that the next entry runs as if on a fresh
+        worker."""
+        self._unet_modified = True
+        if getattr(self.unet, "peft_config", None):
+            self.unet.unload_lora()
+        _strip_lora_layers(self.unet)
+        if hasattr(self.unet, "_hf_peft_config_loaded"):
+            self.unet._hf_peft_config_loaded = False
+        self.restore()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _base_state(self) -> dict[str, torch.Tensor]:
         # Taken once per Editor on first need (a CPU copy the UNet's size), before any edit touches it.
         if self._base_unet_state is None:
@@ -438,6 +461,26 @@ class Editor:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+
+def _strip_lora_layers(model: torch.nn.Module) -> None:
+    """Put back the original module wherever a peft layer wraps one (what a failed add_adapter leaves)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name in wrapped:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, getattr(parent, child).get_base_layer())
+
+
+def failure_reason(error: BaseException) -> tuple[str, str]:
+    """(reason, message) for an edit that raised: what went wrong, and what to do about it."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out_of_memory", (f"the GPU ran out of memory ({str(error).splitlines()[0]}); lower render_batch_size "
+                                 "or train_batch_size, or set finetune_method=lora, mixed_precision=bf16, "
+                                 "gradient_checkpointing=true")
+    return "engine_error", f"{type(error).__name__}: {error}"
 
 
 def interpolate(e_tgt: torch.Tensor, e_opt: torch.Tensor, eta: float) -> torch.Tensor:
