@@ -36,6 +36,13 @@ class EditConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # The input as the model sees it (imagic/images.py: fit_image).
+    fit: Literal["keep", "crop", "pad"] = Field(
+        "keep", description="keep: the input's aspect ratio at about max_area; crop / pad: the model's square."
+    )
+    max_area: int | None = Field(
+        None, ge=64 * 64, le=2048 * 2048, description="Pixels of the fitted input (fit=keep); default the model's native area."
+    )
     # Stage 1: text-embedding optimisation (model frozen).
     embedding_steps: int = Field(500, ge=0, description="Adam steps on e_opt.")
     embedding_lr: float = Field(1e-3, gt=0)
@@ -82,8 +89,13 @@ class EditConfig(BaseModel):
     select_min_edit: float = Field(0.55, description="Least edit score a selected output has.")
     select_min_fidelity: float = Field(0.9, description="Least fidelity score a selected output has.")
     select_min_reconstruction: float = Field(0.8, description="Least fidelity of the η=0 render to the input.")
-    # Devices and precision.
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Devices and precision. `auto` is the fast path: bf16 autocast on CUDA, fp32 on the CPU.
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    tf32: bool = Field(True, description="CUDA: TF32 matmuls and convolutions for what runs in fp32.")
+    fused_adam: bool = Field(True, description="CUDA: Adam's fused kernel (one launch for all parameters).")
+    loss_readback_steps: int = Field(
+        25, ge=1, description="Read the loss back to the host every N steps (each read waits for the GPU)."
+    )
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     save_full_delta: bool = Field(False, description="Keep the full fine-tune's weight delta (UNet-sized).")

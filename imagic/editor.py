@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from imagic.anchoring import SourceAttention, ddim_invert, edit_mask, injected_self_attention
 from imagic.config import EditConfig, check_grid
 from imagic.images import fit_image
+from imagic.models import scheduler_config
 from imagic.prediction import training_target
 from imagic.result import EditResult
 from imagic.scores import score_outputs
@@ -39,17 +40,25 @@ LORA_TARGET_EXAMPLES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "p
 class Editor:
     """Runs Imagic's three stages on `pipeline` (its weights fp32; see `imagic.models.load_pipeline`)."""
 
-    def __init__(self, pipeline: StableDiffusionPipeline):
+    def __init__(self, pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline):
         self.pipeline = pipeline
         self.unet, self.vae = pipeline.unet, pipeline.vae
         self.text_encoder, self.tokenizer = pipeline.text_encoder, pipeline.tokenizer
+        # SDXL: a second text encoder, and a pooled embedding the UNet takes beside the sequence.
+        self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+        self.tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
+        self.is_xl = self.unet.config.addition_embed_type == "text_time"
         self.device = pipeline.device
-        for model in (self.unet, self.vae, self.text_encoder):
-            model.requires_grad_(False)
-        # Training uses the checkpoint's own noise schedule; rendering uses DDIM on the same betas.
-        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        for model in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if model is not None:
+                model.requires_grad_(False)
+        # Training uses the checkpoint's own noise schedule; rendering uses DDIM on the same betas, with
+        # the SD-correct values for what the checkpoint's scheduler config leaves out.
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config(pipeline.scheduler))
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.resolution = self.unet.config.sample_size * self.vae_scale_factor
+        # Image sides must divide down to the UNet's smallest feature map.
+        self.size_multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self._base_unet_state: dict[str, torch.Tensor] | None = None  # snapshot for full fine-tunes
         self._unet_modified = False
 
@@ -69,25 +78,27 @@ class Editor:
         self.check_inputs(config, etas, seeds)
         stats = _StageStats(self.device)
         generator = torch.Generator().manual_seed(config.seed)  # every training draw comes from here
-        image = fit_image(image.convert("RGB"), self.resolution)
+        image, input_transform = fit_image(image.convert("RGB"), self.resolution, config.fit, self.size_multiple,
+                                           config.max_area)
 
-        try:
-            # 2. Encode the image once, and the target text
-            with stats.stage("encode"):
-                latents = self.encode_image(image, config)
-                e_tgt = self.encode_text(target_text)
-            # 3. Stage A: optimise the text embedding, model frozen
-            with stats.stage("embedding"):
-                e_opt, embedding_losses = self.optimize_embedding(latents, e_tgt, config, generator, callback)
-            # 4. Stage B: fine-tune the model with e_opt fixed
-            with stats.stage("finetune"):
-                delta, finetune_losses = self.finetune(latents, e_opt, config, generator, callback)
-            # 5. Stage C: interpolate and render (and η=0 once more: does the edit still hold the input?)
-            with stats.stage("render"):
-                check = [] if not config.score_outputs or 0.0 in etas else [0.0]
-                images = self.render(e_tgt, e_opt, [*etas, *check], seeds, config, latents)
-        finally:
-            self.restore()
+        with _tf32(config.tf32 and self.device.type == "cuda"):  # the fast path: TF32 for what runs in fp32
+            try:
+                # 2. Encode the image once, and the target text
+                with stats.stage("encode"):
+                    latents = self.encode_image(image, config)
+                    e_tgt = self.encode_text(target_text)
+                # 3. Stage A: optimise the text embedding, model frozen
+                with stats.stage("embedding"):
+                    e_opt, embedding_losses = self.optimize_embedding(latents, e_tgt, config, generator, callback)
+                # 4. Stage B: fine-tune the model with e_opt fixed
+                with stats.stage("finetune"):
+                    delta, finetune_losses = self.finetune(latents, e_opt, config, generator, callback)
+                # 5. Stage C: interpolate and render (and η=0 once more: does the edit still hold the input?)
+                with stats.stage("render"):
+                    check = [] if not config.score_outputs or 0.0 in etas else [0.0]
+                    images = self.render(e_tgt, e_opt, [*etas, *check], seeds, config, latents)
+            finally:
+                self.restore()
         # 6. Score every output with the base model, and choose one
         scores, reconstruction, selection = {}, None, None
         if config.score_outputs:
@@ -113,6 +124,7 @@ class Editor:
             scores=scores,
             reconstruction_fidelity=reconstruction,
             selection=selection,
+            input_transform=input_transform,
         )
 
     def render_result(
@@ -146,7 +158,7 @@ class Editor:
                                  f"(e.g. {', '.join(LORA_TARGET_EXAMPLES)})")
         if self.device.type != "cuda":
             cuda_only = []
-            if config.mixed_precision != "no":
+            if config.mixed_precision not in ("no", "auto"):
                 cuda_only.append(f"mixed_precision={config.mixed_precision!r}")
             if config.use_8bit_adam:
                 cuda_only.append("use_8bit_adam=True")
@@ -160,18 +172,50 @@ class Editor:
         """RGB image at `self.resolution` → scaled VAE latents, shape (1, C, H/f, W/f)."""
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
         pixels = pixels.permute(2, 0, 1).unsqueeze(0).to(self.device)  # (1, 3, H, W)
-        with self._autocast(config):
+        with self._vae_autocast(config):
             latents = self.vae.encode(pixels).latent_dist.mode()
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_text(self, text: str) -> torch.Tensor:
-        """Text → CLIP hidden states, shape (1, L, D). Too-long text is an error, never silently cut."""
-        max_length = self.tokenizer.model_max_length
-        ids = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=False, return_tensors="pt")
+        """Text → the embedding Imagic optimises and interpolates, shape (1, L, D): CLIP hidden states; for
+        SDXL both encoders' penultimate states side by side, and the pooled embedding packed as one more
+        row (so that stage 1 optimises it and stage 3 interpolates it with the sequence; `unet_inputs`
+        unpacks it). Too-long text is an error, never silently cut."""
+        if not self.is_xl:
+            return self.text_encoder(self._token_ids(self.tokenizer, text))[0].float()
+        if text == "" and self.pipeline.config.get("force_zeros_for_empty_prompt", False):
+            return torch.zeros_like(self.encode_text(" "))  # SDXL's negative branch: zeros, as its pipeline does
+        first = self.text_encoder(self._token_ids(self.tokenizer, text), output_hidden_states=True)
+        second = self.text_encoder_2(self._token_ids(self.tokenizer_2, text), output_hidden_states=True)
+        sequence = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (1, L, D1 + D2)
+        pooled = second.text_embeds  # (1, P), P ≤ D1 + D2
+        row = F.pad(pooled, (0, sequence.shape[-1] - pooled.shape[-1])).unsqueeze(1)
+        return torch.cat([sequence, row], dim=1).float()
+
+    def _token_ids(self, tokenizer, text: str) -> torch.Tensor:
+        max_length = tokenizer.model_max_length
+        ids = tokenizer(text, padding="max_length", max_length=max_length, truncation=False, return_tensors="pt")
         if ids.input_ids.shape[1] > max_length:
             raise ValueError(f"text is {ids.input_ids.shape[1]} tokens; this model takes at most {max_length}: {text!r}")
-        return self.text_encoder(ids.input_ids.to(self.device))[0].float()
+        return ids.input_ids.to(self.device)
+
+    def unet_inputs(self, x: torch.Tensor, embedding: torch.Tensor) -> dict:
+        """The UNet's conditioning for latents `x` (n, C, h, w) and an embedding from `encode_text` (1 or n rows)."""
+        embedding = embedding.expand(x.shape[0], -1, -1)
+        if not self.is_xl:
+            return {"encoder_hidden_states": embedding}
+        pooled_dim = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
+        height, width = (side * self.vae_scale_factor for side in x.shape[-2:])
+        # (original size, crop top-left, target size): the whole image, at the size it is rendered.
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=x.dtype, device=x.device)
+        return {"encoder_hidden_states": embedding[:, :-1],
+                "added_cond_kwargs": {"text_embeds": embedding[:, -1, :pooled_dim],
+                                      "time_ids": time_ids.expand(x.shape[0], -1)}}
+
+    def predict(self, x: torch.Tensor, t, embedding: torch.Tensor) -> torch.Tensor:
+        """The UNet's output for latents `x` at timestep(s) `t` under `embedding`."""
+        return self.unet(x, t, **self.unet_inputs(x, embedding)).sample
 
     # ------------------------------------------------------------------ stages A and B
 
@@ -186,10 +230,8 @@ class Editor:
         """Stage A: Adam on a copy of e_tgt, denoising `latents`; the UNet is frozen (no grads created)."""
         self.unet.requires_grad_(False)
         e_opt = e_tgt.detach().clone().float().requires_grad_(True)
-        losses = self._train(
-            "embedding", [e_opt], config.embedding_lr, config.embedding_steps,
-            lambda: self.denoising_loss(latents, e_opt, config, generator), config, callback,
-        )
+        losses = self._train("embedding", [e_opt], config.embedding_lr, config.embedding_steps, latents, e_opt,
+                             config, generator, callback)
         return e_opt.detach(), losses
 
     def finetune(
@@ -199,11 +241,12 @@ class Editor:
         config: EditConfig,
         generator: torch.Generator,
         callback: ProgressCallback | None = None,
-    ) -> tuple[dict[str, torch.Tensor], list[float]]:
+    ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
         """Stage B: fit the UNet (all weights, or LoRA on attention projections) to the image at e_opt.
 
-        Leaves the fine-tuned weights in place for rendering and returns (weight delta, losses):
-        LoRA weights, or trained − base for a full fine-tune. `restore()` undoes it.
+        Leaves the fine-tuned weights in place for rendering and returns (weight delta, losses): LoRA
+        weights, or trained − base for a full fine-tune when `save_full_delta` (else None: a UNet-sized
+        difference is not computed for nothing). `restore()` undoes it.
         """
         e_opt = e_opt.detach()
         self._unet_modified = True
@@ -214,59 +257,68 @@ class Editor:
             base = self._base_state()
             self.unet.requires_grad_(True)
             params = list(self.unet.parameters())
-        losses = self._train(
-            "finetune", params, config.finetune_lr, config.finetune_steps,
-            lambda: self.denoising_loss(latents, e_opt, config, generator), config, callback,
-        )
+        losses = self._train("finetune", params, config.finetune_lr, config.finetune_steps, latents, e_opt, config,
+                             generator, callback)
         self.unet.requires_grad_(False)
 
         if config.finetune_method == "lora":
-            delta = {name: p.detach().cpu().clone() for name, p in self.unet.named_parameters() if "lora_" in name}
-        else:
-            delta = {name: p.detach().cpu() - base[name] for name, p in self.unet.named_parameters()}
-            # Render from base + delta, exactly what a later render-only run reconstructs.
-            self.apply_delta(delta, config)
+            return {name: p.detach().cpu().clone() for name, p in self.unet.named_parameters() if "lora_" in name}, losses
+        if not config.save_full_delta:
+            return None, losses
+        delta = {name: (p.detach() - base[name]).cpu() for name, p in self.unet.named_parameters()}
+        # Render from base + delta, exactly what a later render-only run reconstructs.
+        self.apply_delta(delta, config)
         return delta, losses
 
-    def denoising_loss(
-        self, latents: torch.Tensor, embedding: torch.Tensor, config: EditConfig, generator: torch.Generator
-    ) -> torch.Tensor:
-        """MSE between the UNet's prediction and its target, at t ~ U[0, T) with fresh noise."""
-        batch = config.train_batch_size
-        shape = (batch, *latents.shape[1:])
-        noise = torch.randn(shape, generator=generator).to(self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-        timesteps = timesteps.to(self.device)
-        x0 = latents.expand(shape)
+    def training_draws(self, latents: torch.Tensor, steps: int, config: EditConfig,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every step's noise and timesteps, drawn up front from the seeded CPU generator in the order the
+        steps use them (so results do not depend on the device), then moved to the device at once."""
+        batch, shape = config.train_batch_size, latents.shape[1:]
+        noises, timesteps = [], []
+        for _ in range(steps):
+            noises.append(torch.randn((batch, *shape), generator=generator))
+            timesteps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,),
+                                           generator=generator))
+        return torch.stack(noises).to(self.device), torch.stack(timesteps).to(self.device)
+
+    def denoising_loss(self, latents: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor,
+                       timesteps: torch.Tensor, config: EditConfig) -> torch.Tensor:
+        """MSE between the UNet's prediction and its target for one step's draws (noise (B, C, h, w), t (B,))."""
+        x0 = latents.expand(noise.shape)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         target = training_target(self.noise_scheduler, x0, noise, timesteps)
         with self._autocast(config):
-            prediction = self.unet(noisy, timesteps, encoder_hidden_states=embedding.expand(batch, -1, -1)).sample
+            prediction = self.predict(noisy, timesteps, embedding)
         return F.mse_loss(prediction.float(), target.float())
 
-    def _train(self, stage, params, lr, steps, loss_fn, config: EditConfig, callback) -> list[float]:
-        """Adam on `params` for `steps` steps of `loss_fn`; returns the per-step losses."""
+    def _train(self, stage, params, lr, steps, latents, embedding, config: EditConfig, generator, callback) -> list[float]:
+        """Adam on `params` for `steps` steps of the denoising loss; returns the per-step losses.
+
+        Losses stay on the device and are read back every `loss_readback_steps` steps: a read waits for
+        the GPU, and nothing else in the loop does."""
         if steps == 0:
             return []
-        optimizer = _adam(params, lr, config.use_8bit_adam)
-        scaler = torch.amp.GradScaler("cuda", enabled=config.mixed_precision == "fp16")
+        noises, timesteps = self.training_draws(latents, steps, config, generator)
+        optimizer = _adam(params, lr, config, self.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=self._precision(config) == "fp16")
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        losses = []
+        losses: list[torch.Tensor] = []
         try:
             for step in range(1, steps + 1):
-                loss = loss_fn()
+                loss = self.denoising_loss(latents, embedding, noises[step - 1], timesteps[step - 1], config)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                if callback is not None:
-                    callback(stage, step, steps, losses[-1])
+                losses.append(loss.detach())
+                if callback is not None and (step % config.loss_readback_steps == 0 or step == steps):
+                    callback(stage, step, steps, losses[-1].item())
         finally:
             if config.gradient_checkpointing:
                 self.unet.disable_gradient_checkpointing()
-        return losses
+        return torch.stack(losses).tolist()
 
     # ------------------------------------------------------------------ stage C
 
@@ -290,18 +342,17 @@ class Editor:
         # The negative branch of guidance: the empty text (the paper), or e_opt — the input itself, so that
         # guidance pushes only along what the text changes (negative-prompt inversion, arXiv 2305.16807).
         uncond = self.encode_text("") if config.negative_embedding == "empty" else e_opt  # (1, L, D)
-        scheduler = DDIMScheduler.from_config(self.pipeline.scheduler.config)
+        scheduler = DDIMScheduler.from_config(scheduler_config(self.pipeline.scheduler))
         scheduler.set_timesteps(config.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
-        shape = (1, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        side = self.unet.config.sample_size
+        shape = (1, self.unet.config.in_channels, *(latents.shape[-2:] if latents is not None else (side, side)))
         start_noise = {seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds}
         if config.render_start == "inversion":
             if latents is None:
                 raise ValueError("render_start='inversion' needs the input's latents")
             steps = max(1, round(config.inversion_strength * len(timesteps)))
-            trajectory = ddim_invert(
-                lambda x, t: self.unet(x, t, encoder_hidden_states=e_opt).sample, latents, scheduler, steps
-            )
+            trajectory = ddim_invert(lambda x, t: self.predict(x, t, e_opt), latents, scheduler, steps)
             timesteps = timesteps[len(timesteps) - steps :]
             mix = config.inversion_noise  # seeds perturb the inverted start, keeping its variance
             start = {seed: (1 - mix**2) ** 0.5 * trajectory[-1].cpu() + mix * noise for seed, noise in start_noise.items()}
@@ -310,11 +361,11 @@ class Editor:
 
         base_state = None  # full fine-tune with a base unconditional branch: the base weights, on device once
         if config.unconditional_model == "base" and self._unet_modified and not getattr(self.unet, "peft_config", None):
-            base_state = {k: v.to(self.device) for k, v in self._base_state().items()}
+            base_state = self._base_state()
         mask = None
         if config.mask_threshold > 0:
             mask = edit_mask(
-                lambda x, t, e: self.unet(x, t, encoder_hidden_states=e).sample, latents, self.noise_scheduler,
+                self.predict, latents, self.noise_scheduler,
                 e_tgt, e_opt, torch.Generator().manual_seed(config.seed), threshold=config.mask_threshold,
             )
         images = {}
@@ -353,10 +404,10 @@ class Editor:
         """Classifier-free guidance; the unconditional branch from the fine-tuned or the base UNet."""
         with self._autocast(config):
             if config.unconditional_model == "finetuned":
-                both = self.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                both = self.predict(torch.cat([x, x]), t, torch.cat([uncond, cond]))
                 uncond_pred, cond_pred = both.float().chunk(2)
             else:
-                cond_pred = self.unet(x, t, encoder_hidden_states=cond).sample.float()
+                cond_pred = self.predict(x, t, cond).float()
                 uncond_pred = self._base_prediction(x, t, uncond, base_state).float()
         return uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
 
@@ -365,12 +416,12 @@ class Editor:
         if getattr(self.unet, "peft_config", None):
             self.unet.disable_adapters()
             try:
-                return self.unet(x, t, encoder_hidden_states=embedding).sample
+                return self.predict(x, t, embedding)
             finally:
                 self.unet.enable_adapters()
         if base_state is None:  # nothing was fine-tuned
-            return self.unet(x, t, encoder_hidden_states=embedding).sample
-        return torch.func.functional_call(self.unet, base_state, (x, t), {"encoder_hidden_states": embedding}).sample
+            return self.predict(x, t, embedding)
+        return torch.func.functional_call(self.unet, base_state, (x, t), self.unet_inputs(x, embedding)).sample
 
     def _attention_injection(self, config: EditConfig):
         if config.attention_injection == 0:
@@ -379,7 +430,7 @@ class Editor:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, config: EditConfig) -> list[Image.Image]:
-        with self._autocast(config):
+        with self._vae_autocast(config):
             pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (n, 3, H, W)
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
@@ -403,7 +454,7 @@ class Editor:
                 params = dict(self.unet.named_parameters())
                 if set(params) != set(delta):
                     raise ValueError("weight delta does not fit this model's UNet")
-                delta = {name: base[name] + d for name, d in delta.items()}
+                delta = {name: base[name] + d.to(base[name].device) for name, d in delta.items()}
             for name, value in delta.items():
                 params[name].copy_(value)
         self.unet.requires_grad_(False)
@@ -434,9 +485,10 @@ class Editor:
             torch.cuda.empty_cache()
 
     def _base_state(self) -> dict[str, torch.Tensor]:
-        # Taken once per Editor on first need (a CPU copy the UNet's size), before any edit touches it.
+        # Taken once per Editor on first need, before any edit touches it: a copy the UNet's size, kept on the
+        # UNet's device (on a GPU, restoring and `unconditional_model=base` never cross PCIe).
         if self._base_unet_state is None:
-            self._base_unet_state = {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+            self._base_unet_state = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
         return self._base_unet_state
 
     def _add_lora(self, config: EditConfig) -> None:
@@ -456,10 +508,21 @@ class Editor:
             if p.requires_grad:
                 p.data = p.data.float()  # trained weights stay fp32 under autocast
 
+    def _vae_autocast(self, config: EditConfig):
+        # SDXL's VAE overflows in half precision (its config says `force_upcast`): it runs in fp32.
+        return contextlib.nullcontext() if self.vae.config.get("force_upcast") else self._autocast(config)
+
+    def _precision(self, config: EditConfig) -> str:
+        """`auto`: bf16 on CUDA (the fast path), fp32 elsewhere."""
+        if config.mixed_precision == "auto":
+            return "bf16" if self.device.type == "cuda" else "no"
+        return config.mixed_precision
+
     def _autocast(self, config: EditConfig):
-        if config.mixed_precision == "no":
+        precision = self._precision(config)
+        if precision == "no":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
 
@@ -488,9 +551,22 @@ def interpolate(e_tgt: torch.Tensor, e_opt: torch.Tensor, eta: float) -> torch.T
     return eta * e_tgt + (1.0 - eta) * e_opt
 
 
-def _adam(params: list[torch.Tensor], lr: float, use_8bit: bool) -> torch.optim.Optimizer:
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for fp32 matmuls and convolutions on CUDA while an edit runs; the caller's settings after."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def _adam(params: list[torch.Tensor], lr: float, config: EditConfig, device: torch.device) -> torch.optim.Optimizer:
+    use_8bit = config.use_8bit_adam
     if not use_8bit:
-        return torch.optim.Adam(params, lr=lr)
+        # Fused: one kernel for every parameter (CUDA); the default foreach kernels elsewhere.
+        return torch.optim.Adam(params, lr=lr, fused=True if config.fused_adam and device.type == "cuda" else None)
     try:
         import bitsandbytes as bnb
     except ImportError as err:

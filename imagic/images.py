@@ -74,11 +74,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_image(image: Image.Image, resolution: int, mode: Literal["crop", "pad"] = "crop") -> Image.Image:
-    """Resize to `resolution`² by a centre crop (fills the frame) or padding (keeps everything)."""
-    size = (resolution, resolution)
-    if mode == "crop":
-        return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
-    if mode == "pad":
-        return ImageOps.pad(image, size, method=Image.Resampling.LANCZOS, color=(255, 255, 255))
-    raise ValueError(f"fit mode must be 'crop' or 'pad', got {mode!r}")
+FitMode = Literal["keep", "crop", "pad"]
+
+
+def fit_image(image: Image.Image, resolution: int, mode: FitMode = "crop", multiple: int = 8,
+              max_area: int | None = None) -> tuple[Image.Image, dict]:
+    """The input at the size the model works at, and what was done to it (for the record).
+
+    `keep`: the input's aspect ratio, scaled to about `max_area` pixels (default `resolution`², the model's
+    native area), each side a multiple of `multiple` (the model's factor from pixels to its smallest
+    feature map); the few pixels that rounding leaves over are cropped from the centre. `crop`: a centre crop
+    to `resolution`² (fills the frame, loses the sides). `pad`: the whole input on a white `resolution`².
+    """
+    original = image.size
+    if mode == "keep":
+        area = max_area or resolution * resolution
+        scale = (area / (image.width * image.height)) ** 0.5
+        size = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in image.size)
+        fitted = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+    elif mode == "crop":
+        fitted = ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS)
+    elif mode == "pad":
+        fitted = ImageOps.pad(image, (resolution, resolution), method=Image.Resampling.LANCZOS, color=(255, 255, 255))
+    else:
+        raise ValueError(f"fit mode must be 'keep', 'crop' or 'pad', got {mode!r}")
+    return fitted, {"mode": mode, "original_size": list(original), "size": list(fitted.size)}

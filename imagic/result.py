@@ -33,7 +33,7 @@ def image_name(eta: float, seed: int) -> str:
 class EditResult:
     target_text: str
     config: EditConfig
-    input_image: Image.Image  # the input as the model saw it (resized and cropped)
+    input_image: Image.Image  # the input as the model saw it (fitted: see input_transform)
     images: dict[tuple[float, int], Image.Image]  # (η, seed) → image
     e_tgt: torch.Tensor  # (1, L, D)
     e_opt: torch.Tensor  # (1, L, D)
@@ -44,6 +44,7 @@ class EditResult:
     scores: dict[tuple[float, int], dict] = field(default_factory=dict)  # (η, seed) → {"edit", "fidelity"}
     reconstruction_fidelity: float | None = None  # fidelity of the η=0 render to the input
     selection: Selection | None = None
+    input_transform: dict = field(default_factory=dict)  # what was done to the input (imagic.images.fit_image)
 
     @property
     def etas(self) -> list[float]:
@@ -58,6 +59,7 @@ class EditResult:
         return {
             "target_text": self.target_text,
             "config": self.config.model_dump(mode="json"),
+            "input_transform": self.input_transform,
             "etas": self.etas,
             "seeds": self.seeds,
             "images": {image_name(eta, seed): {"eta": eta, "seed": seed} for eta, seed in self.images},
@@ -124,6 +126,7 @@ class EditResult:
                     for s in summary.get("scores", [])},
             reconstruction_fidelity=summary.get("reconstruction_fidelity"),
             selection=Selection(**summary["selection"]) if summary.get("selection") else None,
+            input_transform=summary.get("input_transform", {}),
         )
 
 

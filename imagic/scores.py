@@ -48,7 +48,7 @@ def text_margins(editor, latents: torch.Tensor, e_tgt: torch.Tensor, e_opt: torc
         for x0 in latents:
             x0 = x0.unsqueeze(0).expand(draws, -1, -1, -1)
             noisy = scheduler.add_noise(x0, noise, timesteps)
-            prediction = editor.unet(noisy, timesteps, encoder_hidden_states=embedding.expand(draws, -1, -1)).sample
+            prediction = editor.predict(noisy, timesteps, embedding)
             target = training_target(scheduler, x0, noise, timesteps)
             per_image.append(((prediction.float() - target) ** 2).mean())
         errors[name] = torch.stack(per_image)

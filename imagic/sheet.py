@@ -22,12 +22,13 @@ def contact_sheet(
     etas = sorted({eta for eta, _ in images})
     seeds = sorted({seed for _, seed in images})
     cell = max(MIN_CELL, input_image.width)
+    cell_height = round(cell * input_image.height / input_image.width)  # the input's aspect ratio
     font = ImageFont.load_default()
     title_lines = textwrap.wrap(title, width=max(20, (cell + PAD) * (len(etas) + 1) // 7)) if title else []
     header = len(title_lines) * LABEL_HEIGHT + (PAD if title_lines else 0)
     columns, rows = len(etas) + 1, len(seeds)
     width = PAD + columns * (cell + PAD)
-    height = header + PAD + rows * (cell + LABEL_HEIGHT + PAD)
+    height = header + PAD + rows * (cell_height + LABEL_HEIGHT + PAD)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
     for i, line in enumerate(title_lines):
@@ -36,9 +37,9 @@ def contact_sheet(
     def put(image: Image.Image, column: int, row: int, label: str) -> None:
         resample = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
         x = PAD + column * (cell + PAD)
-        y = header + PAD + row * (cell + LABEL_HEIGHT + PAD)
-        sheet.paste(image.convert("RGB").resize((cell, cell), resample), (x, y))
-        draw.text((x, y + cell + 4), label, fill="black", font=font)
+        y = header + PAD + row * (cell_height + LABEL_HEIGHT + PAD)
+        sheet.paste(image.convert("RGB").resize((cell, cell_height), resample), (x, y))
+        draw.text((x, y + cell_height + 4), label, fill="black", font=font)
 
     put(input_image, 0, 0, "input")
     for row, seed in enumerate(seeds):
@@ -47,6 +48,7 @@ def contact_sheet(
                 chosen = selection is not None and (selection.eta, selection.seed) == (eta, seed)
                 put(images[(eta, seed)], column, row, f"eta={eta:g}  seed={seed}" + ("  SELECTED" if chosen else ""))
                 if chosen:
-                    x, y = PAD + column * (cell + PAD), header + PAD + row * (cell + LABEL_HEIGHT + PAD)
-                    draw.rectangle((x - 4, y - 4, x + cell + 3, y + cell + 3), outline=SELECTED_COLOUR, width=4)
+                    x, y = PAD + column * (cell + PAD), header + PAD + row * (cell_height + LABEL_HEIGHT + PAD)
+                    draw.rectangle((x - 4, y - 4, x + cell + 3, y + cell_height + 3), outline=SELECTED_COLOUR,
+                                   width=4)
     return sheet

@@ -11,11 +11,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 NAME = "tiny"
+XL_NAME = "tiny-xl"
 VERSION = 2  # bump when the architecture below changes, so caches rebuild
 MAX_TOKENS = 32
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -77,8 +79,48 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> Stab
     )
 
 
-def ensure_tiny_model(directory: Path) -> Path:
-    """Build and save the tiny pipeline under `directory` once; later calls reuse it."""
+def build_tiny_xl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny SDXL-shaped pipeline: two text encoders (the second with a projection: the pooled embedding),
+    a UNet with SDXL's added text/time conditioning, an fp32-only VAE, and SDXL's Euler scheduler config."""
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = make_clip_tokenizer(), make_clip_tokenizer()
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden,
+        )
+
+    text_encoder = CLIPTextModel(text_config(16))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(32))  # pooled: 32 wide, sequence: 16 + 32
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=32, force_upcast=True, scaling_factor=0.13025,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=8, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        transformer_layers_per_block=(1, 2),
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+    )
+
+
+BUILDERS = {NAME: build_tiny_pipeline, XL_NAME: build_tiny_xl_pipeline}
+
+
+def ensure_tiny_model(directory: Path, name: str = NAME) -> Path:
+    """Build and save the tiny pipeline `name` under `directory` once; later calls reuse it."""
     directory = directory.with_name(f"{directory.name}-v{VERSION}")
     if (directory / "model_index.json").is_file():
         return directory
@@ -86,7 +128,7 @@ def ensure_tiny_model(directory: Path) -> Path:
     # Write beside the target and rename, so a crash never leaves a half-written model that looks done.
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        BUILDERS[name]().save_pretrained(staging, safe_serialization=True)
         staging.rename(directory)
     except OSError:
         if not (directory / "model_index.json").is_file():  # not a lost race with another process

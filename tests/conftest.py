@@ -31,6 +31,20 @@ def editor(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def xl_editor():
+    """A tiny SDXL-shaped pipeline (two text encoders, pooled embedding, added time ids), built in code."""
+    from imagic import load_pipeline
+
+    return Editor(load_pipeline("tiny-xl"))
+
+
+@pytest.fixture(params=["sd", "xl"])
+def family_editor(request):
+    """The engine tests that must hold for every supported pipeline: SD 1.x/2.x and SDXL."""
+    return request.getfixturevalue("editor" if request.param == "sd" else "xl_editor")
+
+
+@pytest.fixture(scope="session")
 def toy_editor():
     """The shipped toy model (CPU, a second to load)."""
     from imagic import load_pipeline

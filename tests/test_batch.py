@@ -132,3 +132,37 @@ def test_record_sheet_and_index_carry_the_selection(editor, inputs, tmp_path, ac
         assert not store.exists("good/selected.png")
         assert report["needs_review"] == [{"entry_id": "good", "reason": selection["reason"]}]
         assert "needs review" in html
+
+
+def test_an_entry_that_raises_fails_alone_and_the_next_runs(editor, inputs, tmp_path, monkeypatch):
+    """A runtime error (a CUDA OOM, a kernel error) inside one edit: its error record, then the next entry."""
+    import torch
+
+    store = LocalStorage(tmp_path / "out")
+    rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
+            {"id": "oom", "image": str(inputs / "good.png"), "target_text": "a blue circle"},
+            {"id": "boom", "image": str(inputs / "good.png"), "target_text": "a green circle"},
+            {"id": "fine", "image": str(inputs / "good.png"), "target_text": "a red circle"}]
+    entries = parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")
+    original = editor.finetune
+    faults = {"a blue circle": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+              "a green circle": RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")}
+
+    def finetune(latents, e_opt, config, generator, callback=None):
+        delta = original(latents, e_opt, config, generator, callback)  # the model is changed, then it fails
+        if current["text"] in faults:
+            raise faults[current["text"]]
+        return delta
+
+    current = {}
+    monkeypatch.setattr(editor, "finetune", finetune)
+    records = {}
+    for entry in entries:
+        current["text"] = entry.target_text
+        records[entry.id] = run_entry(editor, entry, store, model="tiny")
+    assert records["oom"]["error"]["reason"] == "out_of_memory"
+    assert "lower render_batch_size" in records["oom"]["error"]["message"]
+    assert records["boom"]["error"] == {"reason": "engine_error",
+                                        "message": "RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"}
+    assert records["fine"]["status"] == "succeeded"
+    assert not any("lora_" in key for key in editor.unet.state_dict())

@@ -26,7 +26,8 @@ def eval_loss(editor, latents, embedding, config):
     """Denoising loss on a fixed set of 32 noise/timestep draws: comparable before and after training."""
     with torch.no_grad():
         fixed = config.model_copy(update={"train_batch_size": 32})
-        return editor.denoising_loss(latents, embedding, fixed, torch.Generator().manual_seed(1234)).item()
+        [noise], [timesteps] = editor.training_draws(latents, 1, fixed, torch.Generator().manual_seed(1234))
+        return editor.denoising_loss(latents, embedding, noise, timesteps, fixed).item()
 
 
 @pytest.fixture
@@ -116,37 +117,37 @@ def test_batched_render_equals_one_at_a_time(editor, quick_config):
 
 
 @pytest.mark.parametrize("preset", ["community", "fast"])
-def test_two_identical_edits_are_bit_identical(editor, scene, quick_config, preset):
+def test_two_identical_edits_are_bit_identical(family_editor, scene, quick_config, preset):
     config = quick_config(preset)
-    first = editor.edit(scene, "a blue circle", config, etas=[0.5, 1.0], seeds=[0, 1])
-    second = editor.edit(scene, "a blue circle", config, etas=[0.5, 1.0], seeds=[0, 1])
+    first = family_editor.edit(scene, "a blue circle", config, etas=[0.5, 1.0], seeds=[0, 1])
+    second = family_editor.edit(scene, "a blue circle", config, etas=[0.5, 1.0], seeds=[0, 1])
     assert first.losses == second.losses
     assert torch.equal(first.e_opt, second.e_opt)
     assert same_images(first.images, second.images)
 
 
 @pytest.mark.parametrize("preset", ["community", "fast"])
-def test_restore_between_edits(editor, quick_config, preset):
+def test_restore_between_edits(family_editor, quick_config, preset):
     config = quick_config(preset)
-    base = unet_state(editor)
+    base = unet_state(family_editor)
     scene_a, scene_b = draw_scene((200, 30, 30)), draw_scene((30, 200, 30), background=(0, 0, 0))
-    a1 = editor.edit(scene_a, "a blue circle", config, etas=[0.8], seeds=[0])
-    assert all(torch.equal(base[k], v) for k, v in editor.unet.state_dict().items())
-    editor.edit(scene_b, "a red square", config, etas=[0.8], seeds=[0])
-    a2 = editor.edit(scene_a, "a blue circle", config, etas=[0.8], seeds=[0])
+    a1 = family_editor.edit(scene_a, "a blue circle", config, etas=[0.8], seeds=[0])
+    assert all(torch.equal(base[k], v) for k, v in family_editor.unet.state_dict().items())
+    family_editor.edit(scene_b, "a red square", config, etas=[0.8], seeds=[0])
+    a2 = family_editor.edit(scene_a, "a blue circle", config, etas=[0.8], seeds=[0])
     assert same_images(a1.images, a2.images)
-    assert editor.unet.state_dict().keys() == base.keys()
+    assert family_editor.unet.state_dict().keys() == base.keys()
 
 
 @pytest.mark.parametrize("preset", ["community", "fast"])
-def test_save_load_render_equals_the_original(editor, scene, quick_config, tmp_path, preset):
+def test_save_load_render_equals_the_original(family_editor, scene, quick_config, tmp_path, preset):
     config = quick_config(preset)
-    original = editor.edit(scene, "a blue circle", config, etas=[0.6, 1.0], seeds=[0, 3])
+    original = family_editor.edit(scene, "a blue circle", config, etas=[0.6, 1.0], seeds=[0, 3])
     original.save(tmp_path)
     loaded = EditResult.load(tmp_path)
-    assert same_images(editor.render_result(loaded, [0.6, 1.0], [0, 3]), original.images)
+    assert same_images(family_editor.render_result(loaded, [0.6, 1.0], [0, 3]), original.images)
     # A subset (different batching) matches within a level; a new η is simply rendered.
-    again = editor.render_result(loaded, [1.0, 1.1], [3])
+    again = family_editor.render_result(loaded, [1.0, 1.1], [3])
     assert np.abs(pixels(again[(1.0, 3)]) - pixels(original.images[(1.0, 3)])).max() <= 1
     assert (1.1, 3) in again
 
@@ -158,17 +159,18 @@ def test_render_without_a_saved_full_delta_is_a_clear_error(editor, scene, quick
         editor.render_result(result, [1.0], [0])
 
 
-def test_failed_edit_still_restores_the_weights(editor, scene, quick_config):
-    base = unet_state(editor)
+def test_failed_edit_still_restores_the_weights(family_editor, scene, quick_config):
+    base = unet_state(family_editor)
 
     def explode(stage, step, total, loss):
         if stage == "finetune" and step == 3:
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        editor.edit(scene, "a blue circle", quick_config("fast"), etas=[1.0], callback=explode)
-    assert editor.unet.state_dict().keys() == base.keys()
-    assert all(torch.equal(base[k], v) for k, v in editor.unet.state_dict().items())
+        family_editor.edit(scene, "a blue circle", quick_config("fast", loss_readback_steps=1), etas=[1.0],
+                           callback=explode)
+    assert family_editor.unet.state_dict().keys() == base.keys()
+    assert all(torch.equal(base[k], v) for k, v in family_editor.unet.state_dict().items())
 
 
 def test_v_prediction_target_is_the_velocity():
@@ -217,3 +219,67 @@ def test_result_reports_timings_memory_and_losses(editor, scene, quick_config):
     assert all(s > 0 for s in result.seconds.values())
     assert all(b > 10_000_000 for b in result.peak_memory_bytes.values())
     assert result.input_image.size == (editor.resolution, editor.resolution)
+
+
+def test_sdxl_optimises_the_pooled_embedding_with_the_sequence(xl_editor, scene, quick_config):
+    """The pooled embedding rides as the last row of the embedding: stage 1 moves it, its padding stays 0."""
+    e_tgt = xl_editor.encode_text("a blue circle")
+    pooled_dim = 32  # tiny-xl's second encoder (imagic/tiny.py)
+    result = xl_editor.edit(scene, "a blue circle", quick_config("fast", embedding_steps=4), etas=[1.0])
+    assert result.e_opt.shape == e_tgt.shape == (1, 33, 48)
+    assert not torch.equal(result.e_opt[0, -1, :pooled_dim], e_tgt[0, -1, :pooled_dim].cpu())
+    assert torch.count_nonzero(result.e_opt[0, -1, pooled_dim:]) == 0
+    inputs = xl_editor.unet_inputs(torch.zeros(3, 4, 16, 16), e_tgt)
+    assert inputs["encoder_hidden_states"].shape == (3, 32, 48)
+    assert inputs["added_cond_kwargs"]["text_embeds"].shape == (3, pooled_dim)
+    assert inputs["added_cond_kwargs"]["time_ids"].tolist()[0] == [32, 32, 0, 0, 32, 32]
+    assert torch.count_nonzero(xl_editor.encode_text("")) == 0  # SDXL's negative branch: zeros
+
+
+def test_a_half_added_lora_is_stripped_by_recover(editor, scene, quick_config, monkeypatch):
+    """peft can fail after wrapping some modules; the next edit must find the model as it was loaded."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    base = unet_state(editor)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"]), editor.unet)  # wrapped, no peft_config
+    assert any("lora_" in k for k in editor.unet.state_dict())
+    editor.recover()
+    assert editor.unet.state_dict().keys() == base.keys()
+    assert all(torch.equal(base[k], v) for k, v in editor.unet.state_dict().items())
+    assert editor.edit(scene, "a blue circle", quick_config("fast"), etas=[1.0]).images
+
+
+def test_lora_targets_the_unet_lacks_are_an_error_before_anything_changes(editor, scene, quick_config):
+    with pytest.raises(ValueError, match=r"lora_target_modules \['nope'\] name no module"):
+        editor.edit(scene, "x", quick_config("fast", lora_target_modules=("to_q", "nope")), etas=[1.0])
+    assert not any("lora_" in k for k in editor.unet.state_dict())
+
+
+@pytest.mark.parametrize("fit, size", [("keep", (44, 24)), ("crop", (32, 32)), ("pad", (32, 32))])
+def test_a_two_to_one_image_keeps_its_aspect(editor, quick_config, fit, size):
+    """The tiny model's native area is 32²; sides are multiples of 4 (VAE ×2, one UNet downsampling)."""
+    wide = draw_scene(size=32).resize((64, 32))
+    result = editor.edit(wide, "a blue circle", quick_config("fast", fit=fit), etas=[1.0], seeds=[0, 1])
+    assert result.input_image.size == size and {image.size for image in result.images.values()} == {size}
+    assert result.input_transform == {"mode": fit, "original_size": [64, 32], "size": list(size)}
+    assert result.selection is not None  # scored and selected like any other edit
+
+
+def test_losses_are_read_back_every_n_steps_and_kept_per_step(editor, scene, quick_config):
+    calls = []
+    config = quick_config("fast", embedding_steps=5, finetune_steps=4, loss_readback_steps=2)
+    result = editor.edit(scene, "a blue circle", config, etas=[1.0],
+                         callback=lambda stage, step, total, loss: calls.append((stage, step, loss)))
+    assert [(stage, step) for stage, step, _ in calls] == [("embedding", 2), ("embedding", 4), ("embedding", 5),
+                                                           ("finetune", 2), ("finetune", 4)]
+    assert len(result.losses["embedding"]) == 5 and len(result.losses["finetune"]) == 4
+    assert calls[1][2] == result.losses["embedding"][3]  # the value read is the step's own loss
+
+
+def test_the_fast_path_leaves_cpu_numbers_as_they_were(editor, scene, quick_config):
+    """`auto` precision, TF32, fused Adam and loss read-back change nothing on the CPU: same bits."""
+    fast = quick_config("fast")
+    slow = quick_config("fast", mixed_precision="no", tf32=False, fused_adam=False, loss_readback_steps=1)
+    a = editor.edit(scene, "a blue circle", fast, etas=[1.0], seeds=[0])
+    b = editor.edit(scene, "a blue circle", slow, etas=[1.0], seeds=[0])
+    assert a.losses == b.losses and torch.equal(a.e_opt, b.e_opt) and same_images(a.images, b.images)

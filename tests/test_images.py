@@ -94,10 +94,23 @@ def test_bytes_use_the_given_name():
 def test_fit_crop_fills_and_pad_keeps_everything():
     wide = Image.new("RGB", (200, 100), "red")
     wide.paste((0, 0, 255), (0, 0, 20, 100))  # blue strip at the far left
-    cropped, padded = fit_image(wide, 64, "crop"), fit_image(wide, 64, "pad")
+    (cropped, crop), (padded, _) = fit_image(wide, 64, "crop"), fit_image(wide, 64, "pad")
     assert cropped.size == padded.size == (64, 64)
+    assert crop == {"mode": "crop", "original_size": [200, 100], "size": [64, 64]}
     assert cropped.getpixel((0, 32)) == (255, 0, 0)  # the strip was cropped away
     assert padded.getpixel((1, 32))[2] > 200  # the strip survives
     assert padded.getpixel((32, 2)) == (255, 255, 255)  # padding
     with pytest.raises(ValueError, match="fit mode"):
         fit_image(wide, 64, "stretch")
+
+
+@pytest.mark.parametrize("size, expected", [((200, 100), (88, 48)), ((100, 200), (48, 88)), ((640, 360), (88, 48)),
+                                            ((64, 64), (64, 64))])
+def test_fit_keep_holds_the_aspect_at_about_the_native_area(size, expected):
+    image = Image.new("RGB", size, "red")
+    image.paste((0, 0, 255), (0, 0, size[0] // 10, size[1]))  # a strip at the far left survives
+    kept, transform = fit_image(image, 64, "keep", multiple=8)
+    assert kept.size == expected and all(side % 8 == 0 for side in kept.size)
+    assert abs(kept.width * kept.height - 64 * 64) / (64 * 64) < 0.1
+    assert kept.getpixel((0, kept.height // 2))[2] > 200
+    assert transform == {"mode": "keep", "original_size": list(size), "size": list(expected)}

@@ -1,0 +1,201 @@
+"""Imagic at real model sizes: SD 1.5, SD 2.1-768 and SDXL shapes with random weights (no hub), at native
+resolution, each preset with the CUDA fast path on and off, side by side in one process.
+
+    python benchmarks/gpu.py                                   # on a GPU: every architecture, paper + anchored
+    python benchmarks/gpu.py --arch sd15 --presets paper --step-fraction 0.1      # a tenth of the steps
+    python benchmarks/gpu.py --device cpu --scale 8 --step-fraction 0.02          # scaled down: proves it runs
+
+Prints seconds per stage and per step, peak memory per stage, and MFU: model FLOPs per training step
+(forward counted by `torch.utils.flop_counter` on one step's batch; a training step is counted as 3×
+forward for a full fine-tune — forward, input and weight gradients — and 2× for the embedding stage and
+LoRA, which need input gradients only) divided by the step's seconds and the device's peak (`--peak-tflops`,
+else a table of known GPUs, bf16 dense). Random weights compute exactly as much as trained ones; the
+edit's quality is not measured here (see toy_edits.py). Architectures: benchmarks/architectures/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+ARCHITECTURES = Path(__file__).parent / "architectures"
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+# The fast path off: what the engine did before it (fp32, no TF32, foreach Adam, a loss read every step).
+FAST_PATH_OFF = {"mixed_precision": "no", "tf32": False, "fused_adam": False, "loss_readback_steps": 1}
+
+
+def scaled(config: dict, factor: int) -> dict:
+    """The same architecture `factor`× narrower, shallower and smaller: for a CPU run that proves the code."""
+    if factor == 1:
+        return config
+    c = copy.deepcopy(config)
+    unet = c["unet"]
+    unet["block_out_channels"] = [ch // factor for ch in unet["block_out_channels"]]
+    unet["norm_num_groups"] = 8
+    unet["sample_size"] = 8
+    unet["cross_attention_dim"] //= factor
+    if "transformer_layers_per_block" in unet:
+        unet["transformer_layers_per_block"] = [max(1, n // 5) for n in unet["transformer_layers_per_block"]]
+    if "addition_time_embed_dim" in unet:
+        unet["addition_time_embed_dim"] //= factor
+        pooled = c["text_encoder_2"]["projection_dim"] // factor
+        unet["projection_class_embeddings_input_dim"] = pooled + 6 * unet["addition_time_embed_dim"]
+    heads = unet["attention_head_dim"]
+    if isinstance(heads, int):  # SD 1.5 names the head count "attention_head_dim"
+        unet["attention_head_dim"] = max(1, heads // 2)
+    c["vae"].update(block_out_channels=[ch // factor for ch in c["vae"]["block_out_channels"]], norm_num_groups=8,
+                    layers_per_block=1, sample_size=64)
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in c:
+            text = c[name]
+            text.update(hidden_size=text["hidden_size"] // factor, intermediate_size=text["intermediate_size"] // factor,
+                        projection_dim=text["projection_dim"] // factor,
+                        num_hidden_layers=max(2, text["num_hidden_layers"] // 6))
+    return c
+
+
+def build_pipeline(config: dict):
+    """A pipeline of the architecture's classes and shapes, randomly initialised (seeded), in memory."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.schedulers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from imagic.tiny import make_clip_tokenizer
+
+    torch.manual_seed(0)
+    schedulers = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
+    scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
+    scheduler = schedulers[config["scheduler"]["_class_name"]](**scheduler_config)
+    tokenizer = make_clip_tokenizer(model_max_length=77)  # byte-level: any text; ids < the configs' vocab
+    parts = {
+        "unet": UNet2DConditionModel(**config["unet"]), "vae": AutoencoderKL(**config["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
+        "tokenizer": tokenizer, "scheduler": scheduler,
+    }
+    if config["pipeline"] == "StableDiffusionXLPipeline":
+        parts.update(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
+                     tokenizer_2=make_clip_tokenizer(model_max_length=77))
+        return StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=True)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def forward_flops(editor, config) -> int:
+    """FLOPs of one UNet forward on a training step's batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    side = editor.unet.config.sample_size
+    x = torch.zeros(config.train_batch_size, editor.unet.config.in_channels, side, side, device=editor.device)
+    t = torch.full((config.train_batch_size,), 500, device=editor.device)
+    embedding = editor.encode_text("a photo")
+    with torch.no_grad(), editor._autocast(config), FlopCounterMode(display=False) as counter:
+        editor.predict(x, t, embedding)
+    return counter.get_total_flops()
+
+
+def peak_flops(device: str, given: float | None) -> float | None:
+    import torch
+
+    if given:
+        return given * 1e12
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def run(arch: str, preset: str, fast_path: bool, args) -> dict:
+    import torch
+    from PIL import Image, ImageDraw
+
+    from imagic import Editor, make_config
+
+    config_data = scaled(json.loads((ARCHITECTURES / f"{arch}.json").read_text()), args.scale)
+    pipeline = build_pipeline(config_data).to(args.device)
+    editor = Editor(pipeline)
+    defaults = make_config(preset)
+    steps = {key: max(1, round(getattr(defaults, key) * args.step_fraction))
+             for key in ("embedding_steps", "finetune_steps")}
+    config = make_config(preset, **steps, num_inference_steps=args.inference_steps, save_full_delta=False,
+                         **({} if fast_path else FAST_PATH_OFF))
+    image = Image.new("RGB", (editor.resolution, editor.resolution), (235, 235, 235))
+    ImageDraw.Draw(image).ellipse([editor.resolution // 4, editor.resolution // 4, 3 * editor.resolution // 4,
+                                   3 * editor.resolution // 4], fill=(200, 30, 30))
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = editor.edit(image, "a photo of a blue circle", config, etas=args.etas, seeds=[0])
+    wall = time.perf_counter() - started
+    fwd = forward_flops(editor, config)
+    train_factor = 3 if config.finetune_method == "full" else 2
+    seconds = result.seconds
+    per_step = {"embedding": seconds["embedding"] / config.embedding_steps,
+                "finetune": seconds["finetune"] / config.finetune_steps}
+    peak = peak_flops(args.device, args.peak_tflops)
+    achieved = {stage: factor * fwd / per_step[stage]
+                for stage, factor in (("embedding", 2), ("finetune", train_factor))}
+    del editor, pipeline
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {
+        "arch": arch, "scale": args.scale, "preset": preset, "fast_path": fast_path, "resolution": image.width,
+        "finetune": config.finetune_method, "steps": steps, "wall_s": wall, "seconds": seconds,
+        "ms_per_step": {k: 1000 * v for k, v in per_step.items()},
+        "peak_memory_gb": {k: v / 2**30 for k, v in result.peak_memory_bytes.items()},
+        "unet_forward_gflops": fwd / 1e9, "achieved_tflops": {k: v / 1e12 for k, v in achieved.items()},
+        "mfu": {k: (v / peak if peak else None) for k, v in achieved.items()},
+        "full_recipe_estimate_s": (seconds["embedding"] / config.embedding_steps * defaults.embedding_steps
+                                   + seconds["finetune"] / config.finetune_steps * defaults.finetune_steps
+                                   + seconds["render"] + seconds.get("score", 0.0) + seconds["encode"]),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| arch | preset | fast path | px | ms/step emb · ft | s: encode · emb · ft · render · score | "
+             "peak GB (ft) | TFLOP/s ft | MFU ft | full recipe est. s |", "|" + "---|" * 10]
+    for r in rows:
+        s, ms = r["seconds"], r["ms_per_step"]
+        mfu = r["mfu"]["finetune"]
+        arch = r["arch"] if r["scale"] == 1 else f"{r['arch']} /{r['scale']}"
+        lines.append(
+            f"| {arch} "
+            f"| {r['preset']} ({r['finetune']}) | {'on' if r['fast_path'] else 'off'} | {r['resolution']} "
+            f"| {ms['embedding']:.1f} · {ms['finetune']:.1f} "
+            f"| {s['encode']:.2f} · {s['embedding']:.2f} · {s['finetune']:.2f} · {s['render']:.2f} · {s.get('score', 0):.2f} "
+            f"| {r['peak_memory_gb'].get('finetune', 0):.2f} | {r['achieved_tflops']['finetune']:.2f} "
+            f"| {'n/a' if mfu is None else f'{mfu:.1%}'} | {r['full_recipe_estimate_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", action="append", help="sd15, sd21-768, sdxl (repeatable; default: all)")
+    parser.add_argument("--presets", default="paper,anchored")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--scale", type=int, default=1, help="architectures N× smaller (CPU proof runs)")
+    parser.add_argument("--step-fraction", type=float, default=1.0, help="share of each preset's training steps")
+    parser.add_argument("--inference-steps", type=int, default=50)
+    parser.add_argument("--etas", type=float, nargs="+", default=[1.0, 1.2, 1.4, 1.6])
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: known GPUs)")
+    parser.add_argument("--fast-path", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    archs = args.arch or sorted(p.stem for p in ARCHITECTURES.glob("*.json"))
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.fast_path]
+    rows = []
+    for arch in archs:
+        for preset in args.presets.split(","):
+            for fast_path in modes:  # side by side: the same work, fast path on then off
+                rows.append(run(arch, preset, fast_path, args))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
