@@ -68,8 +68,7 @@ def build_pipeline(config: dict):
 
     torch.manual_seed(0)
     schedulers = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
-    scheduler_config = {k: v for k, v in config["scheduler"].items() if not k.startswith("_")}
-    scheduler = schedulers[config["scheduler"]["_class_name"]](**scheduler_config)
+    scheduler = schedulers[config["scheduler"]["_class_name"]].from_config(config["scheduler"])
     tokenizer = make_clip_tokenizer(model_max_length=77)  # byte-level: any text; ids < the configs' vocab
     parts = {
         "unet": UNet2DConditionModel(**config["unet"]), "vae": AutoencoderKL(**config["vae"]),

@@ -68,7 +68,7 @@ def edit(
     eta: EtaOption = None,
     seed: SeedOption = None,
     preset: Annotated[Preset, typer.Option(help="Named set of config defaults.")] = DEFAULT_PRESET,
-    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, s3:// prefix, or toy / tiny.")] = (
+    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, s3:// prefix, or toy / tiny / tiny-xl.")] = (
         DEFAULT_MODEL
     ),
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/edit"),

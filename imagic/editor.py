@@ -164,6 +164,18 @@ class Editor:
                 cuda_only.append("use_8bit_adam=True")
             if cuda_only:
                 raise ValueError(f"{', '.join(cuda_only)} need a CUDA device; this pipeline is on {self.device}")
+        elif config.finetune_method == "full":
+            needed, total = self.full_finetune_bytes(config), torch.cuda.get_device_properties(self.device).total_memory
+            if needed > 0.9 * total:
+                raise ValueError(f"a full fine-tune of this UNet needs about {needed / 2**30:.0f} GiB (fp32 weights, "
+                                 f"gradients, Adam state and the base snapshot); this GPU has {total / 2**30:.0f} GiB: "
+                                 "use finetune_method=lora (the default preset), or use_8bit_adam=true")
+
+    def full_finetune_bytes(self, config: EditConfig) -> int:
+        """Memory a full fine-tune holds besides activations: fp32 weights, gradients and the base snapshot,
+        and Adam's two moments (fp32, or 1 byte each with 8-bit Adam). SD 1.5: ≈ 17 GB; SDXL: ≈ 51 GB."""
+        parameters = sum(p.numel() for p in self.unet.parameters())
+        return parameters * (4 + 4 + 4 + (2 if config.use_8bit_adam else 8))
 
     # ------------------------------------------------------------------ encoders
 

@@ -166,3 +166,11 @@ def test_an_entry_that_raises_fails_alone_and_the_next_runs(editor, inputs, tmp_
                                         "message": "RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"}
     assert records["fine"]["status"] == "succeeded"
     assert not any("lora_" in key for key in editor.unet.state_dict())
+
+
+def test_an_sdxl_entry_gets_a_record_like_any_other(xl_editor, inputs, tmp_path):
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    record = run_entry(xl_editor, entry, store, model="tiny-xl")
+    assert record["status"] == "succeeded" and record["selection"]["verdict"] in ("selected", "needs_review")
+    assert record["input"]["transform"]["mode"] == "keep" and store.exists("good/record.json")

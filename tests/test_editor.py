@@ -283,3 +283,12 @@ def test_the_fast_path_leaves_cpu_numbers_as_they_were(editor, scene, quick_conf
     a = editor.edit(scene, "a blue circle", fast, etas=[1.0], seeds=[0])
     b = editor.edit(scene, "a blue circle", slow, etas=[1.0], seeds=[0])
     assert a.losses == b.losses and torch.equal(a.e_opt, b.e_opt) and same_images(a.images, b.images)
+
+
+def test_the_memory_a_full_finetune_needs_is_explicit(editor, quick_config):
+    """On CUDA a full fine-tune that cannot fit is refused before it starts (SDXL: LoRA, or 8-bit Adam)."""
+    parameters = sum(p.numel() for p in editor.unet.parameters())
+    assert editor.full_finetune_bytes(quick_config("paper")) == 20 * parameters
+    assert editor.full_finetune_bytes(quick_config("paper", use_8bit_adam=True)) == 14 * parameters
+    sdxl_unet_parameters = 2_567_463_684
+    assert 45e9 < 20 * sdxl_unet_parameters < 55e9  # the figure the docs give
