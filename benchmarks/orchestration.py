@@ -104,7 +104,8 @@ def main() -> None:
         manifest = write_inputs(tmp, args.entries)
         rows = [run_batch(manifest, tmp / "local", "local", args.chunk_size)]
         (tmp / "home").mkdir()
-        with LocalCluster(tmp / "home", {"OMP_NUM_THREADS": "2"}) as cluster:
+        # The toy inputs are local files: allowed here (deployment mode reads only s3:// by default).
+        with LocalCluster(tmp / "home", {"OMP_NUM_THREADS": "2", "IMAGIC_ALLOWED_INPUTS": "file:"}) as cluster:
             worker = cluster.start_worker("worker", limit=1)
             try:
                 rows.append(run_batch(manifest, tmp / "deployment", "deployment", args.chunk_size, cluster.env))

@@ -23,12 +23,13 @@ from prefect.states import Completed, Failed, State
 from flows.retry import STORAGE_RETRIES
 from flows.edit_chunk import load_editor, run_chunk
 from imagic.batch import Plan, Redo, chunk, plan, read_records, reject
-from imagic.manifest import Entry, ManifestError, detect_format, validate_manifest
+from imagic.manifest import MAX_MANIFEST_BYTES, Entry, ManifestError, detect_format, validate_manifest
 from imagic.config import DEFAULT_MODEL
 from imagic.layout import SHEET_FILE
 from imagic.model_store import known_model_sha256
 from imagic.report import batch_report, write_report
-from imagic.storage import open_storage, read_uri
+from imagic.settings import Settings
+from imagic.storage import open_storage, read_uri, redact_uri
 
 EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
 # Above this share of the manifest's entries failing, the flow run ends Failed so that automations alert.
@@ -37,8 +38,12 @@ MAX_FAILURE_FRACTION = 0.5
 
 @task(**STORAGE_RETRIES)
 def read_manifest(manifest_uri: str) -> str:
-    """The manifest's text (retried: it may live in S3 or behind HTTP)."""
-    return read_uri(manifest_uri).decode("utf-8")
+    """The manifest's text (transient faults retried: it may live in S3 or behind HTTP)."""
+    data = read_uri(manifest_uri, max_bytes=MAX_MANIFEST_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError([f"{redact_uri(manifest_uri)}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
 
 
 @task(**STORAGE_RETRIES)
@@ -66,14 +71,17 @@ def chunk_key(parent_run_id: str, entries: list[Entry]) -> str:
 
 @task(retries=3, retry_delay_seconds=[5, 15, 60], cache_policy=NO_CACHE)
 def run_chunk_deployment(entries: list[Entry], output_uri: str, model: str, device: str, deployment: str,
-                         key: str) -> int:
-    """One `edit-chunk` run on the work pool; waits for it. Retried on API errors (the key makes that safe)."""
+                         key: str, source: dict) -> int:
+    """One `edit-chunk` run on the work pool; waits for it. Retried on API errors (the key makes that safe).
+
+    The child gets references into the manifest (`source`: its URI, preset and overrides), not the
+    entries: input URIs may carry credentials, and flow-run parameters are stored and shown by Prefect."""
     from prefect.deployments import run_deployment
 
     child = run_deployment(
         deployment,
-        parameters={"entries": [e.model_dump(mode="json") for e in entries], "output_uri": output_uri,
-                    "model": model, "device": device},
+        parameters={"entries": [{"id": e.id, "attempt": e.attempt} for e in entries], "output_uri": output_uri,
+                    "model": model, "device": device, **source},
         idempotency_key=key, timeout=None, as_subflow=True,
     )
     if not child.state or not child.state.is_completed():
@@ -97,7 +105,7 @@ def check_deployment(deployment: str) -> None:
 
 
 def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str, device: str,
-                         max_in_flight: int, deployment: str, on_done) -> None:
+                         max_in_flight: int, deployment: str, on_done, source: dict) -> None:
     """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
     check_deployment(deployment)
     parent_run_id = str(prefect.runtime.flow_run.id)
@@ -108,7 +116,7 @@ def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str,
             in_flight.remove(finished)
             on_done(finished.result())
         in_flight.append(run_chunk_deployment.submit(entries, output_uri, model, device, deployment,
-                                                     chunk_key(parent_run_id, entries)))
+                                                     chunk_key(parent_run_id, entries), source))
     for finished in as_completed(in_flight):
         on_done(finished.result())
 
@@ -176,11 +184,13 @@ def bulk_edit(
     chunks = chunk(todo, chunk_size)
     if mode == "local" and todo:
         editor = load_editor(model, device)  # once for the whole batch
+        settings = Settings.from_env("local")
         for entries_of_chunk in chunks:
-            run_chunk(editor, entries_of_chunk, output_uri, model)
+            run_chunk(editor, entries_of_chunk, output_uri, model, settings)
             on_done(len(entries_of_chunk))
     elif mode == "deployment" and todo:
-        dispatch_deployments(chunks, output_uri, model, device, max_in_flight, deployment, on_done)
+        source = {"manifest_uri": manifest_uri, "preset": preset, "overrides": overrides}
+        dispatch_deployments(chunks, output_uri, model, device, max_in_flight, deployment, on_done, source)
 
     # 3. Report: every entry of the manifest, whatever this run did with it
     store = open_storage(output_uri)

@@ -6,11 +6,14 @@ import prefect.runtime.flow_run
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.retry import transient_only
+from flows.retry import STORAGE_RETRIES, transient_only
 from imagic import Editor, load_pipeline
 from imagic.batch import run_entry
 from imagic.config import DEFAULT_MODEL
 from imagic.layout import RECORD_FILE
+from imagic.manifest import MAX_MANIFEST_BYTES, ManifestError, detect_format, validate_manifest
+from imagic.settings import Settings
+from imagic.storage import read_uri, redact_uri
 from imagic.manifest import Entry
 from imagic.storage import open_storage
 
@@ -27,19 +30,40 @@ def load_editor(model: str, device: str = "auto") -> Editor:
 
 
 @task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache
-def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str) -> dict:
+def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str, settings: Settings) -> dict:
     """Edit one entry; a bad input becomes an error record, not a failed task."""
     store = open_storage(output_uri)
     if store.exists(f"{entry.folder}/{RECORD_FILE}"):  # e.g. a stale chunk run from a crashed batch
         get_run_logger().info("%s: already done", entry.folder)
         return {"entry_id": entry.id, "status": "already_done", "reason": None}
-    record = run_entry(editor, entry, store, model=model)
+    record = run_entry(editor, entry, store, model=model, settings=settings)
     get_run_logger().info("%s: %s", entry.folder, record["status"])
     return _row(record)
 
 
-def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str) -> list[dict]:
-    return [edit_entry(editor, entry, output_uri, model) for entry in entries]
+def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str,
+              settings: Settings | None = None) -> list[dict]:
+    settings = settings or Settings.from_env("local")
+    return [edit_entry(editor, entry, output_uri, model, settings) for entry in entries]
+
+
+@task(**STORAGE_RETRIES)
+def resolve_entries(references: list[dict], manifest_uri: str, preset: str | None, overrides: dict | None,
+                    settings: Settings) -> list[Entry]:
+    """The chunk's entries, validated again from the manifest by id (and given their attempt folder)."""
+    text = read_uri(manifest_uri, max_bytes=MAX_MANIFEST_BYTES, timeout_s=settings.input_timeout_s)
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ManifestError([f"{redact_uri(manifest_uri)}: not UTF-8 text"]) from None
+    entries, _, _ = validate_manifest(decoded, detect_format(manifest_uri), preset=preset, overrides=overrides,
+                                      settings=settings)
+    by_id = {entry.id: entry for entry in entries}
+    missing = [ref["id"] for ref in references if ref["id"] not in by_id]
+    if missing:  # the manifest changed since the parent planned: those entries show up as not_run
+        get_run_logger().warning("not in the manifest any more: %s", ", ".join(missing))
+    return [by_id[ref["id"]].model_copy(update={"attempt": ref.get("attempt", 1)})
+            for ref in references if ref["id"] in by_id]
 
 
 def run_name() -> str:
@@ -49,10 +73,23 @@ def run_name() -> str:
 
 
 @flow(name="edit-chunk", flow_run_name=run_name, log_prints=True)
-def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL, device: str = "auto") -> list[dict]:
-    """Edit a chunk of validated manifest entries on one worker (one GPU)."""
+def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL, device: str = "auto",
+               manifest_uri: str | None = None, preset: str | None = None,
+               overrides: dict | None = None) -> list[dict]:
+    """Edit a chunk of manifest entries on one worker (one GPU).
+
+    `entries`: references (`{"id", "attempt"}`) into `manifest_uri`, as the parent sends them — so input
+    URIs, which may carry signatures, never become flow-run parameters that the Prefect API stores and
+    shows — or whole entries. The operator's settings for deployment mode apply (`imagic/settings.py`:
+    inputs from `s3://` only unless IMAGIC_ALLOWED_INPUTS says otherwise).
+    """
+    settings = Settings.from_env("deployment")
+    if manifest_uri is not None:
+        chosen = resolve_entries(entries, manifest_uri, preset, overrides, settings)
+    else:
+        chosen = [Entry(**e) for e in entries]
     editor = load_editor(model, device)
-    return run_chunk(editor, [Entry(**e) for e in entries], output_uri, model)
+    return run_chunk(editor, chosen, output_uri, model, settings)
 
 
 def _row(record: dict) -> dict:

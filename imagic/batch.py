@@ -24,7 +24,8 @@ from imagic.model_store import model_sha256
 from imagic.record import edit_record, failure_record, request, request_changes, sha256
 from imagic.result import image_name, png_bytes
 from imagic.sheet import contact_sheet
-from imagic.storage import Storage, StorageError, read_uri
+from imagic.settings import Settings
+from imagic.storage import Storage, StorageError, read_uri, redact_text, redact_uri
 
 
 class Redo(str, Enum):
@@ -105,25 +106,32 @@ def chunk(entries: list[Entry], size: int) -> list[list[Entry]]:
 
 
 def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folder: str | None = None,
-              callback: ProgressCallback | None = None) -> dict:
+              callback: ProgressCallback | None = None, settings: Settings | None = None) -> dict:
     """Edit one entry into `<folder>/` of `store` (default: the entry's attempt folder; "" for the store's
-    root); returns its record (status succeeded, failed, or already_done)."""
+    root); returns its record (status succeeded, failed, or already_done). `settings`: the operator's input
+    policy and limits (default: from the environment, local mode)."""
     folder = entry.folder if folder is None else folder
+    settings = settings or Settings.from_env()
     key = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
     started = time.perf_counter()
 
     def fail(reason: str, message: str) -> dict:
         record = failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
-                                target_text=entry.target_text, reason=reason, message=message,
+                                target_text=entry.target_text, reason=reason,
+                                message=redact_text(message, entry.image),
                                 seconds=time.perf_counter() - started, attempt=entry.attempt)
         store.write_bytes(key(ERROR_FILE), _json(record))
         return record
 
+    if not settings.input_allowed(entry.image):  # the same answer whether such a file exists or not
+        return fail("input_not_allowed", f"{redact_uri(entry.image)}: inputs must start with one of "
+                                         f"{settings.allowed_inputs} (operator setting IMAGIC_ALLOWED_INPUTS)")
     try:
-        input_bytes = read_uri(entry.image)
-        image = load_image(input_bytes, name=entry.image)
+        input_bytes = read_uri(entry.image, max_bytes=settings.max_input_bytes, timeout_s=settings.input_timeout_s)
+        image = load_image(input_bytes, name=redact_uri(entry.image))
         editor.check_inputs(entry.config, entry.etas, entry.seeds)
-        result = editor.edit(image, entry.target_text, entry.config, entry.etas, entry.seeds, callback)
+        result = editor.edit(image, entry.target_text, entry.config, entry.etas, entry.seeds, callback,
+                             deadline=time.monotonic() + settings.entry_timeout_s)
     except StorageError as err:
         return fail("input_unreadable", str(err))
     except ImageError as err:

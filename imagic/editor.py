@@ -61,6 +61,7 @@ class Editor:
         self.size_multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self._base_unet_state: dict[str, torch.Tensor] | None = None  # snapshot for full fine-tunes
         self._unet_modified = False
+        self._deadline: float | None = None
 
     # ------------------------------------------------------------------ the whole edit
 
@@ -72,10 +73,13 @@ class Editor:
         etas: tuple[float, ...] | list[float],
         seeds: tuple[int, ...] | list[int] = (0,),
         callback: ProgressCallback | None = None,
+        deadline: float | None = None,
     ) -> EditResult:
-        """Edit `image` towards `target_text`; one image per (η, seed). Base weights are restored after."""
+        """Edit `image` towards `target_text`; one image per (η, seed). Base weights are restored after.
+        `deadline` (a `time.monotonic()` value): past it, the edit stops with a TimeoutError."""
         # 1. Check inputs
         self.check_inputs(config, etas, seeds)
+        self._deadline = deadline
         stats = _StageStats(self.device)
         generator = torch.Generator().manual_seed(config.seed)  # every training draw comes from here
         image, input_transform = fit_image(image.convert("RGB"), self.resolution, config.fit, self.size_multiple,
@@ -98,6 +102,7 @@ class Editor:
                     check = [] if not config.score_outputs or 0.0 in etas else [0.0]
                     images = self.render(e_tgt, e_opt, [*etas, *check], seeds, config, latents)
             finally:
+                self._deadline = None
                 self.restore()
         # 6. Score every output with the base model, and choose one
         scores, reconstruction, selection = {}, None, None
@@ -325,6 +330,7 @@ class Editor:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.detach())
+                self._check_deadline()
                 if callback is not None and (step % config.loss_readback_steps == 0 or step == steps):
                     callback(stage, step, steps, losses[-1].item())
         finally:
@@ -393,6 +399,7 @@ class Editor:
                     step_cond = e_opt.expand(n, -1, -1) if progress < config.anchor_fraction else cond
                     guided = self._guided_prediction(x, t, step_cond, uncond.expand(n, -1, -1), config, base_state)
                     x = scheduler.step(guided, t, x).prev_sample
+                    self._check_deadline()
                     if mask is not None:  # outside the edit mask, the input's own trajectory
                         x = mask * x + (1 - mask) * trajectory[len(timesteps) - i - 1]
                 images.update((key, image) for key, image in zip(chunk, self.decode_latents(x, config)) if key[0] >= 0)
@@ -482,6 +489,10 @@ class Editor:
         self.unet.requires_grad_(False)
         self._unet_modified = False
 
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise TimeoutError("the edit ran past its time limit")
+
     def recover(self) -> None:
         """After a failed edit: the model exactly as it was loaded (no LoRA layer left, even half-added ones;
         base weights back), and the GPU's cached memory freed, so that the next entry runs as if on a fresh
@@ -551,6 +562,8 @@ def _strip_lora_layers(model: torch.nn.Module) -> None:
 
 def failure_reason(error: BaseException) -> tuple[str, str]:
     """(reason, message) for an edit that raised: what went wrong, and what to do about it."""
+    if isinstance(error, TimeoutError):
+        return "time_limit", f"{error} (operator setting IMAGIC_ENTRY_TIMEOUT_S)"
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return "out_of_memory", (f"the GPU ran out of memory ({str(error).splitlines()[0]}); lower render_batch_size "
                                  "or train_batch_size, or set finetune_method=lora, mixed_precision=bf16, "

@@ -20,10 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imagic.config import (DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, GRID_MESSAGES, PRESETS, EditConfig, Etas,
                            Seeds, make_config)
 from imagic.layout import attempt_folder
+from imagic.settings import Settings
 
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 IMAGE_SCHEMES = ("s3://", "file://", "http://", "https://")
+
+
+MAX_MANIFEST_BYTES = 64 * 2**20  # a million entries is ~150 MB of JSONL; 64 MB is far past any single batch
+MAX_DEPTH = 16  # the deepest a manifest needs is ~3 (defaults → overrides → a list)
 
 
 class ManifestError(ValueError):
@@ -77,6 +82,10 @@ class EntrySpec(_Common):
             raise ValueError(f"{value!r} is not s3://bucket/key")
         if any(ord(c) < 32 for c in value):
             raise ValueError("contains control characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text (a lone surrogate)") from None
         return value
 
     @field_validator("target_text")
@@ -84,6 +93,12 @@ class EntrySpec(_Common):
     def _text(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text (a lone surrogate, e.g. from a broken \\ud83d escape)") from None
+        if any(ord(c) < 32 and c not in "\t\n" for c in value):
+            raise ValueError("contains control characters")
         return value.strip()
 
 
@@ -134,23 +149,37 @@ class Rejected(BaseModel):
 
 
 def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
-                      default_preset: str = DEFAULT_PRESET) -> tuple[list[Entry], list[Rejected], list[str]]:
-    """(valid entries, rejected entries, file-level problems). `preset`/`overrides` beat the file's own."""
+                      default_preset: str = DEFAULT_PRESET,
+                      settings: Settings | None = None) -> tuple[list[Entry], list[Rejected], list[str]]:
+    """(valid entries, rejected entries, file-level problems). `preset`/`overrides` beat the file's own;
+    `settings` (default: from the environment) bound what one entry may cost."""
+    settings = settings or Settings.from_env()
     file_problems: list[str] = []
     line_problems: dict[int, list[str]] = {}
-    defaults_data, rows = _READERS[fmt](text, file_problems, line_problems)
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_MANIFEST_BYTES:
+        return [], [], [f"manifest is over {MAX_MANIFEST_BYTES // 2**20} MB: split it into several batches"]
     try:
-        defaults = Defaults(**(defaults_data or {}))
-    except ValidationError as err:
-        file_problems += _messages(err, "defaults")
-        defaults = Defaults()
+        defaults_data, rows = _READERS[fmt](text, file_problems, line_problems)
+    except RecursionError:
+        return [], [], [f"manifest is nested too deeply (a manifest needs at most {MAX_DEPTH} levels)"]
+    rows = [(line, data) for line, data in rows if not _too_deep(data, line, line_problems)]
+    defaults = Defaults()
+    if defaults_data is not None and not isinstance(defaults_data, dict):
+        file_problems.append("defaults: must be a mapping of field: value")
+    elif _depth(defaults_data) > MAX_DEPTH:
+        file_problems.append(f"defaults: nested deeper than {MAX_DEPTH} levels")
+    else:
+        try:
+            defaults = Defaults(**(defaults_data or {}))
+        except ValidationError as err:
+            file_problems += _messages(err, "defaults")
 
     entries: list[Entry] = []
     raw: dict[int, dict] = {}
     seen: dict[str, int] = {}
     for line, data in rows:
         raw[line] = data if isinstance(data, dict) else {}
-        result = _resolve(line, data, defaults, preset, overrides, default_preset)
+        result = _resolve(line, data, defaults, preset, overrides, default_preset, settings)
         if isinstance(result, list):
             line_problems[line] = result
         elif result.id in seen:
@@ -190,13 +219,14 @@ def single_entry(image: str, target_text: str, *, etas=None, seeds=None, preset:
     """One entry from command-line arguments, validated by the same rules as a manifest line."""
     data = {"image": image, "target_text": target_text, "preset": preset, "overrides": overrides or {}}
     data.update({k: v for k, v in (("etas", etas), ("seeds", seeds), ("id", entry_id)) if v is not None})
-    result = _resolve(1, data, Defaults(), None, None, preset)
+    result = _resolve(1, data, Defaults(), None, None, preset, Settings.from_env())
     if isinstance(result, list):
         raise ManifestError([problem.removeprefix("line 1: ") for problem in result])
     return result
 
 
-def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_preset) -> Entry | list[str]:
+def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_preset,
+             settings: Settings) -> Entry | list[str]:
     """One row → an Entry, or its problems."""
     try:
         spec = EntrySpec(**data)
@@ -213,9 +243,29 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
         return [f"line {line}: preset: {err}"]
     etas = tuple(spec.etas or defaults.etas or DEFAULT_ETAS)
     seeds = tuple(spec.seeds or defaults.seeds or DEFAULT_SEEDS)
+    if over := settings.budget_problems(config, etas, seeds):
+        return [f"line {line}: {problem}" for problem in over]
     eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
     return Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas, seeds=seeds,
                  preset=chosen_preset, config=config, model=defaults.model)
+
+
+def _depth(value, level: int = 0) -> int:
+    """How deeply `value` nests (iteratively: a hostile file must not exhaust the stack here either)."""
+    deepest, stack = level, [(value, level)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH and isinstance(item, dict | list):
+            stack += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def _too_deep(data, line: int, line_problems: dict[int, list[str]]) -> bool:
+    if _depth(data) > MAX_DEPTH:
+        line_problems[line] = [f"line {line}: nested deeper than {MAX_DEPTH} levels"]
+        return True
+    return False
 
 
 def _messages(err: ValidationError, where: str) -> list[str]:
@@ -238,6 +288,9 @@ def _read_jsonl(text: str, problems: list[str], line_problems: dict[int, list[st
             data = json.loads(raw)
         except json.JSONDecodeError as err:
             line_problems[number] = [f"line {number}: invalid JSON ({err.msg})"]
+            continue
+        except RecursionError:
+            line_problems[number] = [f"line {number}: nested deeper than {MAX_DEPTH} levels"]
             continue
         if isinstance(data, dict) and set(data) == {"defaults"} and not rows and defaults is None:
             defaults = data["defaults"]
@@ -281,12 +334,29 @@ def _csv_list(cell: str) -> Any:
         return cell  # let validation name the field
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without the surprises: a duplicated key is an error, not the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not allowed in a manifest",
+                                                        key_node.start_mark)
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(text: str, problems: list[str], line_problems: dict[int, list[str]]):
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_StrictLoader)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as err:
-        problems.append(f"invalid YAML: {err}")
+        problems.append(f"invalid YAML: {' '.join(str(err).split())}")
         return None, []
     if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
         problems.append("YAML manifest must be a mapping with an `entries:` list (and optional `defaults:`)")

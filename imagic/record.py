@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from imagic.result import SELECTED_FILE, EditResult, image_name
+from imagic.storage import redact_uri
 
 SCHEMA_VERSION = 1
 _PACKAGES = ("imagic-batch", "torch", "diffusers", "transformers", "peft", "safetensors")
@@ -53,7 +54,7 @@ def edit_record(
         "entry_id": entry_id,
         "attempt": attempt,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": {"uri": input_uri, "sha256": sha256(input_bytes), "size_bytes": len(input_bytes),
+        "input": {"uri": redact_uri(input_uri), "sha256": sha256(input_bytes), "size_bytes": len(input_bytes),
                   "transform": result.input_transform},
         "target_text": result.target_text,
         "model": model,
@@ -96,14 +97,14 @@ def failure_record(*, entry_id: str, line: int | None, input_uri: str | None, ta
     """`error.json`: a machine-readable reason (`invalid_entry`, `input_unreadable`, …) and a message."""
     return {"schema_version": SCHEMA_VERSION, "status": "failed", "entry_id": entry_id, "attempt": attempt,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "manifest_line": line,
-            "input": {"uri": input_uri}, "target_text": target_text,
+            "input": {"uri": redact_uri(input_uri) if input_uri else input_uri}, "target_text": target_text,
             "error": {"reason": reason, "message": message}, "wall_seconds": seconds}
 
 
 def request(*, input_uri: str, target_text: str, model: str, config: dict, etas, seeds,
             input_sha256: str | None = None, model_sha256: str | None = None) -> dict:
     """What an entry asks for. Hashes that are unknown (None) are not compared."""
-    return {"input_uri": input_uri, "input_sha256": input_sha256, "target_text": target_text, "model": model,
+    return {"input_uri": redact_uri(input_uri), "input_sha256": input_sha256, "target_text": target_text, "model": model,
             "model_sha256": model_sha256, "config": config, "etas": [float(e) for e in etas],
             "seeds": [int(s) for s in seeds]}
 

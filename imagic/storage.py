@@ -6,16 +6,18 @@ reader sees a whole object or none, so a finished-looking output is never half-w
 
 from __future__ import annotations
 
+import base64
 import mimetypes
 import os
+import stat
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Protocol
-
-HTTP_TIMEOUT_S = 30
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 
 class StorageError(OSError):
@@ -168,9 +170,16 @@ class S3Storage:
         return StorageError(f"s3://{self.bucket}/{where}: cannot {action} ({detail})",
                             transient=code not in _PERMANENT_S3_CODES)
 
-    def read_bytes(self, key: str) -> bytes:
+    def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                response["Body"].close()
+                raise StorageError(f"s3://{self.bucket}/{self._key(key)}: {response['ContentLength']:,} bytes, "
+                                   f"over the limit of {max_bytes:,}")
+            return response["Body"].read()
+        except StorageError:
+            raise
         except Exception as err:  # botocore's ClientError, connection errors, …
             raise self._error("read", self._key(key), err) from err
 
@@ -240,34 +249,116 @@ def open_storage(uri: str) -> Storage:
     return LocalStorage(uri.removeprefix("file://"))
 
 
-def read_uri(uri: str) -> bytes:
-    """The bytes of an input: a path, file://, s3://bucket/key or http(s)://."""
+DEFAULT_MAX_BYTES = 256 * 2**20
+DEFAULT_TIMEOUT_S = 60.0
+_CHUNK = 1 << 20
+
+
+def read_uri(uri: str, *, max_bytes: int = DEFAULT_MAX_BYTES, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
+    """The bytes of an input: a path, file://, s3://bucket/key or http(s)://, bounded.
+
+    At most `max_bytes` (checked before reading where the size is known, and while streaming), within
+    `timeout_s` seconds in all (connect included); local paths must be regular files (not a FIFO, a device
+    or /dev/zero); HTTP redirects may not leave the host. Errors never show credentials.
+    """
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri, timeout=HTTP_TIMEOUT_S) as response:
-                return response.read()
-        except urllib.error.HTTPError as err:
-            raise StorageError(f"{_redact(uri)}: HTTP {err.code} {err.reason}",
-                               transient=err.code in (408, 429) or err.code >= 500) from err
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise StorageError(f"{_redact(uri)}: unreachable ({reason})", transient=True) from err
+        return _read_http(uri, max_bytes, timeout_s)
     if uri.startswith("s3://"):
         bucket, _, key = uri[5:].partition("/")
-        return S3Storage(bucket).read_bytes(key)
+        return S3Storage(bucket).read_bytes(key, max_bytes=max_bytes)
     path = Path(uri.removeprefix("file://"))
     try:
-        return path.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as stream:
+            info = os.fstat(stream.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise StorageError(f"{path}: not a regular file")
+            if info.st_size > max_bytes:
+                raise StorageError(f"{path}: {info.st_size:,} bytes, over the limit of {max_bytes:,}")
+            data = stream.read(max_bytes + 1)
+    except StorageError:
+        raise
     except OSError as err:
         raise StorageError(f"{path}: cannot read ({err.strerror or err})") from err
+    if data is None or len(data) > max_bytes:
+        raise StorageError(f"{path}: over the limit of {max_bytes:,} bytes")
+    return data
 
 
-def _redact(uri: str) -> str:
-    """Drop user:password@ and query strings (presigned URL signatures) from a URL before it is shown."""
-    from urllib.parse import urlsplit, urlunsplit
+class _SameHostRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme and host: never to another host, scheme or internal service."""
 
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urlsplit(req.full_url), urlsplit(newurl)
+        if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
+            raise StorageError(f"{redact_uri(req.full_url)}: redirected to another host ({redact_uri(newurl)}); "
+                               "not followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _read_http(uri: str, max_bytes: int, timeout_s: float) -> bytes:
     parts = urlsplit(uri)
-    host = parts.hostname or ""
+    shown = redact_uri(uri)
+    # Credentials in the URL go in a header, never into the host name the resolver sees.
+    netloc = parts.hostname or ""
     if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+        netloc += f":{parts.port}"
+    request = urllib.request.Request(urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")))
+    if parts.username is not None:
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    opener = urllib.request.build_opener(_SameHostRedirects)
+    deadline = time.monotonic() + timeout_s
+    try:
+        # The socket timeout bounds each wait; the deadline bounds the whole read (a server dripping bytes).
+        with opener.open(request, timeout=min(timeout_s, 30.0)) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise StorageError(f"{shown}: {int(length):,} bytes, over the limit of {max_bytes:,}")
+            chunks, size = [], 0
+            while chunk := response.read1(min(_CHUNK, max_bytes + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise StorageError(f"{shown}: over the limit of {max_bytes:,} bytes")
+                if time.monotonic() > deadline:
+                    raise StorageError(f"{shown}: took longer than {timeout_s:g} s", transient=True)
+            return b"".join(chunks)
+    except StorageError:
+        raise
+    except urllib.error.HTTPError as err:
+        raise StorageError(f"{shown}: HTTP {err.code} {err.reason}",
+                           transient=err.code in (408, 429) or err.code >= 500) from err
+    except (urllib.error.URLError, TimeoutError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise StorageError(f"{shown}: unreachable ({redact_text(str(reason), uri)})", transient=True) from err
+
+
+# Query parameters that are credentials: presigned S3 (SigV4, SigV2), GCS, Azure SAS, and the usual names.
+_SECRET_PARAMETERS = {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "signature", "awsaccesskeyid",
+                      "x-goog-signature", "x-goog-credential", "sig", "token", "access_token", "api_key", "apikey",
+                      "key", "password", "secret"}
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with credentials removed: `user:password@` and secret query parameters (values `REDACTED`)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri
+    parts = urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{name}={'REDACTED' if name.lower() in _SECRET_PARAMETERS else value}" if sep else name
+        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def redact_text(text: str, uri: str) -> str:
+    """`text` (an error message) without the credentials that `uri` carries."""
+    parts = urlsplit(uri)
+    secrets = [parts.password, parts.username]
+    secrets += [value for name, _, value in (p.partition("=") for p in parts.query.split("&"))
+                if name.lower() in _SECRET_PARAMETERS]
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "REDACTED")
+    return text

@@ -174,3 +174,44 @@ def test_an_sdxl_entry_gets_a_record_like_any_other(xl_editor, inputs, tmp_path)
     record = run_entry(xl_editor, entry, store, model="tiny-xl")
     assert record["status"] == "succeeded" and record["selection"]["verdict"] in ("selected", "needs_review")
     assert record["input"]["transform"]["mode"] == "keep" and store.exists("good/record.json")
+
+
+def test_the_input_policy_answers_alike_for_files_that_exist_and_do_not(editor, inputs, tmp_path):
+    """A manifest from a shared bucket must not read worker-local files, nor learn which exist."""
+    from imagic.settings import Settings
+
+    store = LocalStorage(tmp_path / "out")
+    worker = Settings(allowed_inputs=["s3://"])
+    rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
+            {"id": "exists", "image": str(inputs / "good.png"), "target_text": "x"},
+            {"id": "missing", "image": str(inputs / "nope.png"), "target_text": "x"},
+            {"id": "internal", "image": "http://169.254.169.254/latest/meta-data/x.png", "target_text": "x"}]
+    entries = parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")
+    records = [run_entry(editor, e, store, model="tiny", settings=worker) for e in entries]
+    assert {r["error"]["reason"] for r in records} == {"input_not_allowed"}
+    messages = [r["error"]["message"].replace(r["input"]["uri"], "URI") for r in records]
+    assert len(set(messages)) == 1 and "IMAGIC_ALLOWED_INPUTS" in messages[0]
+
+
+def test_a_runaway_entry_is_stopped_at_its_time_limit_and_the_next_runs(editor, inputs, tmp_path):
+    from imagic.settings import Settings
+
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    slow = run_entry(editor, entry, store, model="tiny", settings=Settings(entry_timeout_s=1e-6))
+    assert slow["error"]["reason"] == "time_limit" and "IMAGIC_ENTRY_TIMEOUT_S" in slow["error"]["message"]
+    assert not any("lora_" in key for key in editor.unet.state_dict())
+    assert run_entry(editor, entry, store, model="tiny")["status"] == "succeeded"
+
+
+def test_no_credentials_in_records(editor, inputs, tmp_path):
+    store = LocalStorage(tmp_path / "out")
+    rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
+            {"id": "basic", "image": "http://user:hunter2@127.0.0.1:9/x.png", "target_text": "x"},
+            {"id": "signed", "image": "https://127.0.0.1:9/x.png?X-Amz-Credential=AKIAXXXX&X-Amz-Signature=f00d",
+             "target_text": "x"}]
+    for entry in parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl"):
+        run_entry(editor, entry, store, model="tiny")
+    written = b"".join(store.read_bytes(key) for key in store.list())
+    assert b"hunter2" not in written and b"AKIAXXXX" not in written and b"f00d" not in written
+    assert b"X-Amz-Signature=REDACTED" in written

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from imagic.manifest import ManifestError, detect_format, entry_id, json_schema, parse_manifest
+from imagic.manifest import ManifestError, detect_format, entry_id, json_schema, parse_manifest, validate_manifest
 
 
 def jsonl(*rows):
@@ -137,3 +137,38 @@ def test_the_published_schema_is_current_and_checks_what_validation_checks():
                 "etas": []}, {"image": "a.png", "target_text": "x", "seeds": [1, 1]}, {"image": "a.png"},
                 {"image": "a.png", "target_text": "x", "colour": "red"}):
         assert not entry.is_valid(bad), bad
+
+
+@pytest.mark.parametrize("text, fmt, problem", [
+    ('{"defaults": [1, 2]}\n{"image": "a.png", "target_text": "x"}', "jsonl", "defaults: must be a mapping"),
+    ("defaults: [1]\nentries:\n  - {image: a.png, target_text: x}\n", "yaml", "defaults: must be a mapping"),
+    ("base: &b\n  entries: []\n<<: *b\n", "yaml", "merge keys (<<) are not allowed"),
+    ("entries:\n  - {image: a.png, target_text: x}\nentries:\n  - {image: b.png, target_text: y}\n", "yaml",
+     "duplicate key 'entries' (first on line 1)"),
+    ("entries:\n  - " + "[" * 5000 + "]" * 5000 + "\n", "yaml", "nested too deeply"),
+])
+def test_hostile_manifest_files_are_one_clear_file_problem(text, fmt, problem):
+    """Each of these once raised a traceback (or, for the duplicate key, silently kept the last)."""
+    _, _, problems = validate_manifest(text, fmt)
+    assert len(problems) == 1 and problem in problems[0]
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"overrides": {"a": json.loads("[" * 20 + "1" + "]" * 20)}}, "nested deeper than 16 levels"),
+    ({"target_text": "a \ud83d cat"}, "target_text: is not valid Unicode text"),
+    ({"target_text": "a\x00cat"}, "target_text: contains control characters"),
+    ({"overrides": {"embedding_steps": 10**9}}, "embedding_steps: 1000000000 is over the limit of 5000"),
+    ({"etas": [i / 5000 for i in range(1000)], "seeds": list(range(100))}, "etas × seeds: 100000 is over the limit"),
+    ({"overrides": {"train_batch_size": 10**6}}, "train_batch_size: 1000000 is over the limit of 64"),
+])
+def test_hostile_entries_are_rejected_alone(row, problem):
+    text = jsonl(GOOD, {"id": "bad", "image": "b.png", "target_text": "x", **row})
+    entries, rejected, file_problems = validate_manifest(text, "jsonl")
+    assert [e.id for e in entries] == ["a"] and not file_problems
+    assert len(rejected) == 1 and problem in rejected[0].problems[0]
+
+
+def test_a_100k_deep_json_line_is_rejected_alone():
+    deep = '{"image": "a.png", "target_text": "x", "overrides": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    entries, rejected, _ = validate_manifest(jsonl(GOOD) + deep + "\n", "jsonl")
+    assert [e.id for e in entries] == ["a"] and "nested deeper than 16 levels" in rejected[0].problems[0]

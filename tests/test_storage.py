@@ -61,9 +61,15 @@ def test_read_uri_from_s3_path_and_http(s3_env, tmp_path):
     (tmp_path / "b.png").write_bytes(b"def")
     assert read_uri(str(tmp_path / "b.png")) == b"def" and read_uri(f"file://{tmp_path}/b.png") == b"def"
 
+    seen = []
+
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def do_GET(self):
+            seen.append((self.headers.get("Host"), self.headers.get("Authorization")))
+            super().do_GET()
 
         def log_message(self, *args):
             pass
@@ -73,12 +79,12 @@ def test_read_uri_from_s3_path_and_http(s3_env, tmp_path):
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         assert read_uri(f"{base}/b.png") == b"def"
-        with pytest.raises(StorageError, match=r"/missing.png: HTTP 404") as caught:
-            read_uri(f"{base}/missing.png?X-Amz-Signature=abc")
-        assert "Signature" not in str(caught.value)
-        with pytest.raises(StorageError) as caught:
-            read_uri(f"http://user:hunter2@127.0.0.1:{server.server_port}/b.png")
-        assert "hunter2" not in str(caught.value)
+        with pytest.raises(StorageError, match=r"/missing.png\?size=2&X-Amz-Signature=REDACTED: HTTP 404") as caught:
+            read_uri(f"{base}/missing.png?size=2&X-Amz-Signature=abc")
+        assert "abc" not in str(caught.value)
+        # user:password@ goes as a Basic header, never into the host name (the resolver once saw it).
+        assert read_uri(f"http://user:hunter2@127.0.0.1:{server.server_port}/b.png") == b"def"
+        assert seen[-1] == (f"127.0.0.1:{server.server_port}", "Basic dXNlcjpodW50ZXIy")
     finally:
         server.shutdown()
     with pytest.raises(StorageError, match="unreachable"):
@@ -129,3 +135,91 @@ def test_s3_objects_have_a_content_type_and_a_presigned_link(s3_env):
     assert "X-Amz-Signature=" in link or "Signature=" in link
     with urllib.request.urlopen(link) as response:  # a browser needs no credentials
         assert response.read() == b"<p>hi</p>"
+
+
+def test_local_reads_take_regular_files_only_and_within_the_limit(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # a read once waited forever for a writer
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(StorageError, match="not a regular file"):
+            read_uri(str(path))
+    sparse = tmp_path / "sparse.png"
+    with sparse.open("wb") as f:
+        f.truncate(2**30)  # 1 GiB that costs nothing on disk: refused before a byte is read
+    with pytest.raises(StorageError, match="1,073,741,824 bytes, over the limit of 1,000"):
+        read_uri(str(sparse), max_bytes=1000)
+
+
+@pytest.fixture
+def http_server():
+    """A server with hostile routes: a slow drip, a large body without length, a redirect to elsewhere."""
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/drip":
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(20):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.25)
+            elif self.path == "/big":
+                self.send_response(200)
+                self.end_headers()  # no Content-Length: only streaming can tell
+                self.wfile.write(b"x" * 5000)
+            elif self.path == "/declared":
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**9))
+                self.end_headers()
+            elif self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_http_reads_are_bounded_in_time_and_bytes_and_stay_on_their_host(http_server):
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="took longer than 1 s"):
+        read_uri(f"{http_server}/drip", timeout_s=1.0)
+    assert time.monotonic() - started < 2.0
+    with pytest.raises(StorageError, match="over the limit of 1,000 bytes"):
+        read_uri(f"{http_server}/big", max_bytes=1000)
+    with pytest.raises(StorageError, match="1,000,000,000 bytes, over the limit"):
+        read_uri(f"{http_server}/declared")
+    with pytest.raises(StorageError, match="redirected to another host"):
+        read_uri(f"{http_server}/away")
+
+
+def test_s3_reads_are_bounded(s3_env):
+    store = open_storage(f"s3://{s3_env}")
+    store.write_bytes("big.png", b"x" * 5000)
+    with pytest.raises(StorageError, match="5,000 bytes, over the limit of 1,000"):
+        read_uri(f"s3://{s3_env}/big.png", max_bytes=1000)
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("https://user:pw@host.example/a.png", "https://host.example/a.png"),
+    ("https://b.s3.amazonaws.com/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ff",
+     "https://b.s3.amazonaws.com/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=REDACTED"
+     "&X-Amz-Signature=REDACTED"),
+    ("https://host/a.png?sig=1&sv=2&token=3", "https://host/a.png?sig=REDACTED&sv=2&token=REDACTED"),
+    ("s3://bucket/a.png", "s3://bucket/a.png"),
+    ("/data/a.png", "/data/a.png"),
+])
+def test_credentials_are_redacted_from_uris(uri, shown):
+    from imagic.storage import redact_uri
+
+    assert redact_uri(uri) == shown

@@ -23,7 +23,9 @@ POOL = "system-test-pool"
 def cluster(tmp_path_factory, s3_endpoint):
     """prefect server + process work pool + the edit-chunk deployment; S3 is conftest's moto server."""
     s3_env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
-              "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
+              "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1",
+              # deployment mode reads only s3:// inputs unless the operator allows more; these are local files
+              "IMAGIC_ALLOWED_INPUTS": "s3://,file:"}
     with LocalCluster(tmp_path_factory.mktemp("prefect-home"), s3_env, pool=POOL) as cluster:
         s3_client(cluster).create_bucket(Bucket="batch")
         yield cluster
