@@ -196,9 +196,9 @@ def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, over
         given = data.get("id")
         safe = isinstance(given, str) and ID_PATTERN.match(given) and given not in seen
         rejected.append(Rejected(
-            line=line, id=given if safe else f"invalid-line-{line}", problems=problems,
-            image=data.get("image") if isinstance(data.get("image"), str) else None,
-            target_text=data.get("target_text") if isinstance(data.get("target_text"), str) else None,
+            line=line, id=given if safe else f"invalid-line-{line}", problems=[_clean(p) for p in problems],
+            image=_clean(data.get("image")) if isinstance(data.get("image"), str) else None,
+            target_text=_clean(data.get("target_text")) if isinstance(data.get("target_text"), str) else None,
         ))
     return entries, rejected, file_problems
 
@@ -248,6 +248,12 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
     eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
     return Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas, seeds=seeds,
                  preset=chosen_preset, config=config, model=defaults.model)
+
+
+def _clean(text: str, limit: int = 1000) -> str:
+    """Text from a rejected line, safe to write anywhere: valid UTF-8 (lone surrogates become '?'), bounded."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _depth(value, level: int = 0) -> int:
