@@ -54,9 +54,9 @@ def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, ch
 
 
 @task(**STORAGE_RETRIES)
-def collect_records(entries: list[Entry], output_uri: str) -> list[dict]:
+def collect_records(entries: list[Entry], output_uri: str, holder: str | None = None) -> list[dict]:
     """Each entry's record (or error record) from the store: the store, not the children, is the truth."""
-    return read_records(entries, open_storage(output_uri))
+    return read_records(entries, open_storage(output_uri), holder)
 
 
 def chunk_key(parent_run_id: str, entries: list[Entry]) -> str:
@@ -182,19 +182,20 @@ def bulk_edit(
         update_progress_artifact(progress, 100.0 * finished / max(1, len(todo)))
 
     chunks = chunk(todo, chunk_size)
+    holder = str(prefect.runtime.flow_run.id)  # entries are claimed for this run: a concurrent run skips them
     if mode == "local" and todo:
         editor = load_editor(model, device)  # once for the whole batch
         settings = Settings.from_env("local")
         for entries_of_chunk in chunks:
-            run_chunk(editor, entries_of_chunk, output_uri, model, settings)
+            run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder)
             on_done(len(entries_of_chunk))
     elif mode == "deployment" and todo:
-        source = {"manifest_uri": manifest_uri, "preset": preset, "overrides": overrides}
+        source = {"manifest_uri": manifest_uri, "preset": preset, "overrides": overrides, "holder": holder}
         dispatch_deployments(chunks, output_uri, model, device, max_in_flight, deployment, on_done, source)
 
     # 3. Report: every entry of the manifest, whatever this run did with it
     store = open_storage(output_uri)
-    records = reject(store, rejected) + collect_records(todo, output_uri)
+    records = reject(store, rejected) + collect_records(todo, output_uri, holder)
     records += [{**record, "status": "finished_before"} for _, record in planned.done]
     records += [{**record, "status": "changed", "changes": changes} for _, record, changes in planned.changed]
     records += [{**record, "status": "failed_before"} for record in collect_records(planned.failed, output_uri)]
@@ -214,6 +215,8 @@ def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION
     message = f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped"
     if counts.get("changed"):
         message += f", {counts['changed']} changed (not redone: --redo changed)"
+    if counts.get("in_progress"):
+        message += f", {counts['in_progress']} in progress in another run"
     fraction = counts["failed"] / max(1, counts["total"])
     if fraction > max_failure_fraction:
         return Failed(message=f"{message}: {counts['failed']} of {counts['total']} entries failed "

@@ -30,21 +30,22 @@ def load_editor(model: str, device: str = "auto") -> Editor:
 
 
 @task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache
-def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str, settings: Settings) -> dict:
+def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str, settings: Settings,
+               holder: str | None = None) -> dict:
     """Edit one entry; a bad input becomes an error record, not a failed task."""
     store = open_storage(output_uri)
     if store.exists(f"{entry.folder}/{RECORD_FILE}"):  # e.g. a stale chunk run from a crashed batch
         get_run_logger().info("%s: already done", entry.folder)
         return {"entry_id": entry.id, "status": "already_done", "reason": None}
-    record = run_entry(editor, entry, store, model=model, settings=settings)
+    record = run_entry(editor, entry, store, model=model, settings=settings, holder=holder)
     get_run_logger().info("%s: %s", entry.folder, record["status"])
     return _row(record)
 
 
 def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str,
-              settings: Settings | None = None) -> list[dict]:
+              settings: Settings | None = None, holder: str | None = None) -> list[dict]:
     settings = settings or Settings.from_env("local")
-    return [edit_entry(editor, entry, output_uri, model, settings) for entry in entries]
+    return [edit_entry(editor, entry, output_uri, model, settings, holder) for entry in entries]
 
 
 @task(**STORAGE_RETRIES)
@@ -75,12 +76,12 @@ def run_name() -> str:
 @flow(name="edit-chunk", flow_run_name=run_name, log_prints=True)
 def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL, device: str = "auto",
                manifest_uri: str | None = None, preset: str | None = None,
-               overrides: dict | None = None) -> list[dict]:
+               overrides: dict | None = None, holder: str | None = None) -> list[dict]:
     """Edit a chunk of manifest entries on one worker (one GPU).
 
     `entries`: references (`{"id", "attempt"}`) into `manifest_uri`, as the parent sends them — so input
     URIs, which may carry signatures, never become flow-run parameters that the Prefect API stores and
-    shows — or whole entries. The operator's settings for deployment mode apply (`imagic/settings.py`:
+    shows — or whole entries. `holder`: the parent run, which claims each entry before editing it. The operator's settings for deployment mode apply (`imagic/settings.py`:
     inputs from `s3://` only unless IMAGIC_ALLOWED_INPUTS says otherwise).
     """
     settings = Settings.from_env("deployment")
@@ -89,7 +90,7 @@ def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL,
     else:
         chosen = [Entry(**e) for e in entries]
     editor = load_editor(model, device)
-    return run_chunk(editor, chosen, output_uri, model, settings)
+    return run_chunk(editor, chosen, output_uri, model, settings, holder)
 
 
 def _row(record: dict) -> dict:

@@ -18,7 +18,7 @@ from enum import Enum
 
 from imagic.editor import Editor, ProgressCallback, failure_reason
 from imagic.images import ImageError, load_image
-from imagic.layout import ERROR_FILE, RECORD_FILE, SHEET_FILE, scan
+from imagic.layout import CLAIMS, ERROR_FILE, RECORD_FILE, SHEET_FILE, claim_key, scan
 from imagic.manifest import Entry, Rejected
 from imagic.model_store import model_sha256
 from imagic.record import edit_record, failure_record, request, request_changes, sha256
@@ -105,13 +105,62 @@ def chunk(entries: list[Entry], size: int) -> list[list[Entry]]:
     return [entries[i : i + size] for i in range(0, len(entries), size)]
 
 
+def claim(store: Storage, folder: str, holder: str, lease_s: float) -> dict | None:
+    """Take `folder` for `holder` unless another holder's lease is live; None if taken, else the claim.
+
+    Numbered claim files written create-if-absent make this a compare-and-swap: of two runs that race for
+    the same number, one wins. A lease expires (a crashed run never blocks the entry for good) and is
+    longer than an entry may run (`entry_timeout_s`), so it needs no renewal.
+    """
+    keys = sorted(store.list(f"{folder}/{CLAIMS}/"))
+    number = 1
+    if keys:
+        latest = json.loads(store.read_bytes(keys[-1]))
+        if latest["holder"] != holder and latest["expires_at"] > time.time():
+            return None
+        number = int(keys[-1].rsplit("/", 1)[1].split(".")[0]) + 1
+    mine = {"holder": holder, "expires_at": time.time() + lease_s}
+    return mine if store.write_bytes(claim_key(folder, number), _json(mine), if_absent=True) else None
+
+
+def live_claim(store: Storage, folder: str) -> dict | None:
+    """The folder's latest claim, if its lease is live."""
+    keys = sorted(store.list(f"{folder}/{CLAIMS}/"))
+    latest = json.loads(store.read_bytes(keys[-1])) if keys else None
+    return latest if latest and latest["expires_at"] > time.time() else None
+
+
+def release(store: Storage, folder: str, holder: str) -> None:
+    """End `holder`'s lease on `folder` now (an expired claim on top), so a re-run need not wait for it."""
+    keys = sorted(store.list(f"{folder}/{CLAIMS}/"))
+    if keys and json.loads(store.read_bytes(keys[-1]))["holder"] == holder:
+        number = int(keys[-1].rsplit("/", 1)[1].split(".")[0]) + 1
+        store.write_bytes(claim_key(folder, number), _json({"holder": holder, "expires_at": 0.0}), if_absent=True)
+
+
 def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folder: str | None = None,
-              callback: ProgressCallback | None = None, settings: Settings | None = None) -> dict:
+              callback: ProgressCallback | None = None, settings: Settings | None = None,
+              holder: str | None = None) -> dict:
     """Edit one entry into `<folder>/` of `store` (default: the entry's attempt folder; "" for the store's
-    root); returns its record (status succeeded, failed, or already_done). `settings`: the operator's input
-    policy and limits (default: from the environment, local mode)."""
+    root); returns its record (status succeeded, failed, already_done, or in_progress when another run
+    holds the entry). `settings`: the operator's input policy and limits (default: from the environment,
+    local mode). `holder`: the batch run this edit belongs to; with it, the entry is claimed first."""
     folder = entry.folder if folder is None else folder
     settings = settings or Settings.from_env()
+    if holder is None or not folder:
+        return _edit_into(editor, entry, store, folder, model, callback, settings)
+    if claim(store, folder, holder, settings.entry_timeout_s + 600) is None:
+        return {"entry_id": entry.id, "manifest_line": entry.line, "status": "in_progress", "attempt": entry.attempt,
+                "folder": folder, "input": {"uri": redact_uri(entry.image)}, "target_text": entry.target_text,
+                "holder": live_claim(store, folder) or {}}
+    try:
+        return _edit_into(editor, entry, store, folder, model, callback, settings)
+    finally:
+        release(store, folder, holder)
+
+
+def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model: str,
+               callback: ProgressCallback | None, settings: Settings) -> dict:
     key = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
     started = time.perf_counter()
 
@@ -197,8 +246,9 @@ def reject(store: Storage, rejected: list[Rejected]) -> list[dict]:
     return records
 
 
-def read_records(entries: list[Entry], store: Storage) -> list[dict]:
-    """Each entry's record (or error record) in its attempt folder: the store, not the workers, is the truth."""
+def read_records(entries: list[Entry], store: Storage, holder: str | None = None) -> list[dict]:
+    """Each entry's record (or error record) in its attempt folder: the store, not the workers, is the truth.
+    An entry without either that another run (not `holder`) has claimed is `in_progress`."""
 
     def read(entry: Entry) -> dict:
         for name in (RECORD_FILE, ERROR_FILE):
@@ -206,6 +256,11 @@ def read_records(entries: list[Entry], store: Storage) -> list[dict]:
                 return json.loads(store.read_bytes(f"{entry.folder}/{name}"))
             except StorageError:
                 continue
+        holding = live_claim(store, entry.folder)
+        if holding and holding["holder"] != holder:  # another run of the batch is editing it now
+            return {"entry_id": entry.id, "manifest_line": entry.line, "status": "in_progress", "folder": entry.folder,
+                    "attempt": entry.attempt, "input": {"uri": redact_uri(entry.image)},
+                    "target_text": entry.target_text, "holder": holding}
         return failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
                               target_text=entry.target_text, reason="not_run", attempt=entry.attempt,
                               message="no record after the batch (worker lost?); a re-run of the batch redoes it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import threading
 from enum import Enum
 from pathlib import Path
@@ -166,6 +167,7 @@ def run(
         preset_name = Preset(preset).value if preset else None
         entries = _validate(manifest, preset_name, overrides)  # before Prefect starts: a bad file costs no wait
         open_storage(output)  # a bad scheme, at once
+        _stop_cleanly_on_signals()
         from flows.bulk_edit import bulk_edit
 
         with _batch_progress(entries, output):
@@ -177,6 +179,17 @@ def run(
         console.print(f"[red]batch {state.name.lower()}:[/] {escape(str(state.message))}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]done:[/] {state.message}; outputs in {output}")
+
+
+def _stop_cleanly_on_signals() -> None:
+    """SIGTERM and SIGHUP stop `imagic run` as Ctrl-C does, so that its exit handlers run: Prefect's
+    temporary server (a child process) is stopped instead of being left behind."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
 
 def _validate(manifest: str, preset: str | None, overrides: dict | None) -> list:

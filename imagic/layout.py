@@ -2,6 +2,7 @@
 
     <entry id>/                 attempt 1 of an entry: images, selected.png, contact sheet, artifacts/,
                                 record.json (written last: the attempt is finished) or error.json
+    <entry id>/.claims/000001.json   who is editing the attempt, until when (a lease: imagic/batch.py)
     <entry id>@v2/              attempt 2, made when a changed request is redone: earlier attempts
                                 are never overwritten, so nothing a user already has disappears
     metadata.jsonl              ImageFolder metadata of every finished output (`datasets` reads the folder)
@@ -19,6 +20,7 @@ METADATA_FILE = "metadata.jsonl"
 DATASET_FILE = "edits.parquet"
 REPORT_FILE, INDEX_FILE = "report.json", "index.html"
 BATCHES = "_batches"
+CLAIMS = ".claims"
 # Not a character entry ids may hold (imagic/manifest.py), so `a@v2` can never be another entry's id.
 ATTEMPT_MARK = "@v"
 
@@ -74,3 +76,7 @@ def relative_link(from_key: str, to_key: str) -> str:
     """A link from one key's page to another key, that works in a folder and behind S3's HTTP alike."""
     depth = from_key.count("/")
     return "../" * depth + to_key
+
+
+def claim_key(folder: str, number: int) -> str:
+    return f"{folder}/{CLAIMS}/{number:06d}.json"

@@ -2,7 +2,8 @@
 outputs as a dataset (`edits.parquet`; `metadata.jsonl` for `datasets`' ImageFolder).
 
 Every entry of the manifest is in it: edited now (`succeeded`, `failed`), `finished_before`, `changed`
-(its record answers another request and was not redone), `failed_before` (not retried), `already_done`.
+(its record answers another request and was not redone), `failed_before` (not retried), `already_done`,
+`in_progress` (another run of the batch holds it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def batch_report(batch_id: str, records: list[dict], *, seconds: float, run: dic
         "counts": {"total": len(rows), "succeeded": statuses["succeeded"], "failed": statuses["failed"],
                    "skipped": statuses["finished_before"] + statuses["already_done"] + statuses["failed_before"],
                    "changed": statuses["changed"], "failed_before": statuses["failed_before"],
+                   "in_progress": statuses["in_progress"],
                    "selected": verdicts["selected"], "needs_review": verdicts["needs_review"]},
         "failures": [{"entry_id": r["entry_id"], "line": r["manifest_line"], **r["error"]}
                      for r in records if r["status"] == "failed"],
@@ -57,7 +59,9 @@ def _row(record: dict) -> dict:
            "seconds": round(record.get("wall_seconds", 0.0), 2)}
     if "changes" in record:
         row["changes"] = record["changes"]
-    if "error" not in record:
+    if record["status"] == "in_progress":
+        row["holder"] = record.get("holder", {}).get("holder")
+    elif "error" not in record:
         row.update(model=record["model"], created_at=record.get("created_at"), etas=record["etas"],
                    seeds=record["seeds"], contact_sheet=record["outputs"]["contact_sheet"])
         selection = record.get("selection") or {}
@@ -85,6 +89,8 @@ def report_html(report: dict, link) -> str:
                           f'<br>edit {row["edit_score"]:.3f} · fidelity {row["fidelity_score"]:.2f}')
             else:
                 choice = f'<b>needs review</b><br>{escape(row.get("review_reason", row.get("verdict", "")))}'
+        elif row["status"] == "in_progress":
+            cell, choice = escape(f'being edited by run {row.get("holder")}'), ""
         else:
             cell, choice = escape(f'{row.get("reason", "")}: {row.get("message", "")}'), ""
         status = row["status"] + (f'<br>({escape(", ".join(row["changes"]))})' if row.get("changes") else "")

@@ -215,3 +215,37 @@ def test_no_credentials_in_records(editor, inputs, tmp_path):
     written = b"".join(store.read_bytes(key) for key in store.list())
     assert b"hunter2" not in written and b"AKIAXXXX" not in written and b"f00d" not in written
     assert b"X-Amz-Signature=REDACTED" in written
+
+
+def test_an_entry_another_run_holds_is_left_to_it_and_a_stale_claim_is_taken_over(editor, inputs, tmp_path):
+    """Two runs of one batch at once once both edited every entry (and 8 record writes lost the race)."""
+    import time
+
+    from imagic.batch import claim, live_claim, read_records
+
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    assert claim(store, "good", "run-a", lease_s=60)  # run A is editing it
+    held = run_entry(editor, entry, store, model="tiny", holder="run-b")
+    assert held["status"] == "in_progress" and held["holder"]["holder"] == "run-a"
+    assert not store.exists("good/record.json") and not store.exists("good/error.json")
+    [seen] = read_records([entry], store, holder="run-b")
+    assert seen["status"] == "in_progress"  # run B's report says so; it is not a failure
+    assert read_records([entry], store, holder="run-a")[0]["error"]["reason"] == "not_run"  # A's own lost worker
+
+    assert claim(store, "good", "run-a", lease_s=-1)  # as if run A had crashed long ago: its lease expired …
+    done = run_entry(editor, entry, store, model="tiny", holder="run-b")  # … is taken over
+    assert done["status"] == "succeeded"
+    assert live_claim(store, "good") is None  # released at once: a re-run never waits for the lease
+    assert claim(store, "good", "run-d", lease_s=60) and time.time() < live_claim(store, "good")["expires_at"]
+
+
+def test_the_report_counts_entries_in_progress_elsewhere(editor, inputs, tmp_path):
+    from imagic.batch import claim, read_records
+
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    claim(store, "good", "run-a", lease_s=60)
+    report = batch_report("b", read_records([entry], store, holder="run-b"), seconds=1.0)
+    assert report["counts"]["in_progress"] == 1 and report["counts"]["failed"] == 0
+    assert report["entries"][0]["holder"] == "run-a" and "being edited by run run-a" in report_html(report, str)

@@ -160,3 +160,31 @@ def test_status_counts_finished_and_failed(tmp_path):
     (tmp_path / "b" / "error.json").write_text(json.dumps({"error": {"reason": "input_unreadable"}}))
     result = runner.invoke(app, ["status", str(tmp_path)])
     assert result.exit_code == 0 and "1 finished, 1 failed (input_unreadable: 1)" in result.output
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stopped_run_leaves_no_process_behind(tmp_path, tiny_dir, signum):
+    """`imagic run` killed mid-batch once left its temporary Prefect server running (13 over 15 kills)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    draw_scene().save(tmp_path / "a.png")
+    rows = [{"defaults": {"etas": [1.0], "overrides": {"embedding_steps": 5000, "finetune_steps": 5000}}},
+            {"id": "a", "image": str(tmp_path / "a.png"), "target_text": "a blue circle"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = subprocess.Popen([sys.executable, "-m", "imagic", "run", str(tmp_path / "m.jsonl"), "-o", str(tmp_path / "out"),
+                            "--model", str(tiny_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(run.pid)
+    deadline = time.monotonic() + 90
+    while not (tmp_path / "out" / "a").exists() and time.monotonic() < deadline:  # the edit has started
+        time.sleep(0.5)
+    children = parent.children(recursive=True)
+    assert children, "the run started no temporary server"
+    run.send_signal(getattr(signal, signum))
+    run.wait(timeout=60)
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline() for p in alive]

@@ -43,7 +43,7 @@ def test_the_report_lists_every_entry_with_what_a_user_needs(finished):
     store, records = finished
     report = batch_report("b1", records, seconds=2.0, run={"run_id": "r-1", "run_name": "run-1", "model": "tiny"})
     assert report["counts"] | {"selected": 0, "needs_review": 0} == {
-        "total": 4, "succeeded": 1, "failed": 1, "skipped": 1, "changed": 1, "failed_before": 0,
+        "total": 4, "succeeded": 1, "failed": 1, "skipped": 1, "changed": 1, "failed_before": 0, "in_progress": 0,
         "selected": 0, "needs_review": 0}
     assert report["counts"]["selected"] + report["counts"]["needs_review"] == 3  # every finished row has a verdict
     rows = {row["entry_id"]: row for row in report["entries"]}
