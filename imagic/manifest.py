@@ -196,7 +196,9 @@ def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, over
         given = data.get("id")
         safe = isinstance(given, str) and ID_PATTERN.match(given) and given not in seen
         rejected.append(Rejected(
-            line=line, id=given if safe else f"invalid-line-{line}", problems=[_clean(p) for p in problems],
+            # `@` is in no valid id, so a rejected line's folder never is a real entry's (whose finished folder
+            # once received an invalid line's error.json)
+            line=line, id=given if safe else f"line-{line}@invalid", problems=[_clean(p) for p in problems],
             image=_clean(data.get("image")) if isinstance(data.get("image"), str) else None,
             target_text=_clean(data.get("target_text")) if isinstance(data.get("target_text"), str) else None,
         ))

@@ -120,7 +120,7 @@ def test_lenient_validation_rejects_only_the_bad_entries():
                  {"image": "c.png", "target_text": ""}) + "{oops\n"
     entries, rejected, file_problems = validate_manifest(text, "jsonl")
     assert [e.id for e in entries] == ["a"] and file_problems == []
-    assert [(r.line, r.id) for r in rejected] == [(2, "b"), (3, "invalid-line-3"), (4, "invalid-line-4")]
+    assert [(r.line, r.id) for r in rejected] == [(2, "b"), (3, "line-3@invalid"), (4, "line-4@invalid")]
     assert rejected[0].problems == ["line 2: etas: must be a non-empty list of distinct numbers in [0, 2]"]
     assert rejected[1].image == "c.png"
 
@@ -172,3 +172,11 @@ def test_a_100k_deep_json_line_is_rejected_alone():
     deep = '{"image": "a.png", "target_text": "x", "overrides": ' + "[" * 100_000 + "]" * 100_000 + "}"
     entries, rejected, _ = validate_manifest(jsonl(GOOD) + deep + "\n", "jsonl")
     assert [e.id for e in entries] == ["a"] and "nested deeper than 16 levels" in rejected[0].problems[0]
+
+
+def test_a_rejected_line_never_takes_a_real_entrys_folder():
+    text = jsonl({"id": "line-2@invalid", "image": "a.png", "target_text": "x"},
+                 {"image": "a.png", "target_text": "x", "etas": [9]})
+    entries, rejected, _ = validate_manifest(text, "jsonl")
+    assert not entries and [r.id for r in rejected] == ["line-1@invalid", "line-2@invalid"]
+    assert "id: must be 1-128 characters" in rejected[0].problems[0]
