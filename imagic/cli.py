@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 from enum import Enum
 from pathlib import Path
@@ -183,13 +186,16 @@ def run(
 
 def _stop_cleanly_on_signals() -> None:
     """SIGTERM and SIGHUP stop `imagic run` as Ctrl-C does, so that its exit handlers run: Prefect's
-    temporary server (a child process) is stopped instead of being left behind."""
+    temporary server (a child process) is stopped instead of being left behind; SIGKILL, by a watchdog."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
+    # SIGKILL runs no handler: a watchdog beside this process stops what it started if it is killed.
+    subprocess.Popen([sys.executable, "-m", "imagic.watchdog", str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _validate(manifest: str, preset: str | None, overrides: dict | None) -> list:

@@ -21,6 +21,7 @@ from imagic.config import (DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, GRID_MES
                            Seeds, make_config)
 from imagic.layout import attempt_folder
 from imagic.settings import Settings
+from imagic.storage import redact_uri
 
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -77,9 +78,9 @@ class EntrySpec(_Common):
         if not value:
             raise ValueError("must not be empty")
         if "://" in value and not value.startswith(IMAGE_SCHEMES):
-            raise ValueError(f"unsupported scheme in {value!r}; use a path, {', '.join(IMAGE_SCHEMES)}")
+            raise ValueError(f"unsupported scheme in {redact_uri(value)!r}; use a path, {', '.join(IMAGE_SCHEMES)}")
         if value.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+", value):
-            raise ValueError(f"{value!r} is not s3://bucket/key")
+            raise ValueError(f"{redact_uri(value)!r} is not s3://bucket/key")
         if any(ord(c) < 32 for c in value):
             raise ValueError("contains control characters")
         try:

@@ -162,7 +162,7 @@ def test_status_counts_finished_and_failed(tmp_path):
     assert result.exit_code == 0 and "1 finished, 1 failed (input_unreadable: 1)" in result.output
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_a_stopped_run_leaves_no_process_behind(tmp_path, tiny_dir, signum):
     """`imagic run` killed mid-batch once left its temporary Prefect server running (13 over 15 kills)."""
     import signal
