@@ -25,7 +25,7 @@ class Settings(BaseModel):
     max_area: int = Field(2048 * 2048, ge=64 * 64, description="Pixels of the fitted input.")
     # … and while an entry runs (imagic/batch.py, imagic/storage.py).
     entry_timeout_s: float = Field(3600.0, gt=0, description="Wall seconds of one entry's edit.")
-    max_input_bytes: int = Field(256 * MB, ge=1, description="Bytes of one input read.")
+    max_input_bytes: int = Field(128 * MB, ge=1, description="Bytes of one input read (and its memory).")
     input_timeout_s: float = Field(60.0, gt=0, description="Seconds to read one input, connect included.")
     # Which inputs may be read: URI prefixes (`s3://bucket/`, `https://host/`, `file:` for local paths).
     # None: every input (the default in local mode: the user's own machine); in deployment mode the

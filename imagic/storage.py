@@ -249,7 +249,7 @@ def open_storage(uri: str) -> Storage:
     return LocalStorage(uri.removeprefix("file://"))
 
 
-DEFAULT_MAX_BYTES = 256 * 2**20
+DEFAULT_MAX_BYTES = 128 * 2**20  # a 40 MP 16-bit PNG; a hostile stream costs at most this much memory
 DEFAULT_TIMEOUT_S = 60.0
 _CHUNK = 1 << 20
 
