@@ -112,3 +112,45 @@ def s3_env(s3_endpoint, monkeypatch):
     bucket = f"bucket-{threading.get_ident() % 100000}-{id(monkeypatch) % 100000}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture
+def hostile_http():
+    """An HTTP server with hostile routes: /drip (a byte every 0.25 s), /big (5,000 bytes, no length),
+    /declared (claims 1 GB), /away (a redirect to the cloud metadata address); anything else 404."""
+    import http.server
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            if path == "/drip":
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(20):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.25)
+            elif path == "/big":
+                self.send_response(200)
+                self.end_headers()  # no Content-Length: only streaming can tell
+                self.wfile.write(b"x" * 5000)
+            elif path == "/declared":
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**9))
+                self.end_headers()
+            elif path.startswith("/away"):
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+            else:
+                self.send_response(404)
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()

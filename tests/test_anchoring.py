@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from imagic import Editor, load_pipeline, make_config
+from imagic import make_config
 from imagic.anchoring import ddim_invert, edit_mask
 from imagic.editor import interpolate
 from imagic.toy import Scene, measure, render

@@ -2,39 +2,15 @@
 through `bulk_edit` (Prefect, local mode, tiny model) in ONE run. Every good entry is edited, every bad
 one carries a clear reason, nothing leaks a credential, and the batch survives to write its report."""
 
-import http.server
 import json
 import os
-import threading
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from .conftest import QUICK, draw_scene
 
 SECRETS = ("hunter2", "AKIAPROBE", "deadbeefsig")
-
-
-@pytest.fixture
-def web():
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.startswith("/away"):
-                self.send_response(302)
-                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-                self.end_headers()
-            else:
-                self.send_response(404)
-                self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 def build_inputs(folder):
@@ -60,7 +36,7 @@ def build_inputs(folder):
     os.mkfifo(folder / "pipe.png")
 
 
-def test_one_run_survives_every_kind_of_bad_input(prefect, tmp_path, tiny_dir, web, s3_env):
+def test_one_run_survives_every_kind_of_bad_input(prefect, tmp_path, tiny_dir, hostile_http, s3_env):
     from flows.bulk_edit import bulk_edit
 
     build_inputs(tmp_path)
@@ -75,10 +51,10 @@ def test_one_run_survives_every_kind_of_bad_input(prefect, tmp_path, tiny_dir, w
         "fifo": (image("pipe.png"), "input_unreadable"), "dev-zero": ("/dev/zero", "input_unreadable"),
         "empty": (image("empty.png"), "input_not_an_image"), "text": (image("text.png"), "input_not_an_image"),
         "truncated": (image("cut.png"), "input_not_an_image"), "garbage": (image("garbage.jpg"), "input_not_an_image"),
-        "bomb": (image("bomb.png"), "input_not_an_image"), "http-404": (f"{web}/x.png", "input_unreadable"),
-        "redirect": (f"{web}/away.png", "input_unreadable"), "closed-port": ("http://127.0.0.1:9/x.png", "input_unreadable"),
+        "bomb": (image("bomb.png"), "input_not_an_image"), "http-404": (f"{hostile_http}/x.png", "input_unreadable"),
+        "redirect": (f"{hostile_http}/away.png", "input_unreadable"), "closed-port": ("http://127.0.0.1:9/x.png", "input_unreadable"),
         "basic-auth": ("http://user:hunter2@127.0.0.1:9/x.png", "input_unreadable"),
-        "presigned": (f"{web}/x.png?X-Amz-Credential=AKIAPROBE&X-Amz-Signature=deadbeefsig", "input_unreadable"),
+        "presigned": (f"{hostile_http}/x.png?X-Amz-Credential=AKIAPROBE&X-Amz-Signature=deadbeefsig", "input_unreadable"),
         "no-bucket": ("s3://no-such-bucket-probe/x.png", "input_unreadable"),
     }
     lines += [{"id": eid, "image": uri, "target_text": "a blue circle"} for eid, (uri, _) in bad_inputs.items()]

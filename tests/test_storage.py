@@ -152,55 +152,19 @@ def test_local_reads_take_regular_files_only_and_within_the_limit(tmp_path):
         read_uri(str(sparse), max_bytes=1000)
 
 
-@pytest.fixture
-def http_server():
-    """A server with hostile routes: a slow drip, a large body without length, a redirect to elsewhere."""
-    import time
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/drip":
-                self.send_response(200)
-                self.end_headers()
-                for _ in range(20):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(0.25)
-            elif self.path == "/big":
-                self.send_response(200)
-                self.end_headers()  # no Content-Length: only streaming can tell
-                self.wfile.write(b"x" * 5000)
-            elif self.path == "/declared":
-                self.send_response(200)
-                self.send_header("Content-Length", str(10**9))
-                self.end_headers()
-            elif self.path == "/away":
-                self.send_response(302)
-                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-                self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-
-
-def test_http_reads_are_bounded_in_time_and_bytes_and_stay_on_their_host(http_server):
+def test_http_reads_are_bounded_in_time_and_bytes_and_stay_on_their_host(hostile_http):
     import time
 
     started = time.monotonic()
     with pytest.raises(StorageError, match="took longer than 1 s"):
-        read_uri(f"{http_server}/drip", timeout_s=1.0)
+        read_uri(f"{hostile_http}/drip", timeout_s=1.0)
     assert time.monotonic() - started < 2.0
     with pytest.raises(StorageError, match="over the limit of 1,000 bytes"):
-        read_uri(f"{http_server}/big", max_bytes=1000)
+        read_uri(f"{hostile_http}/big", max_bytes=1000)
     with pytest.raises(StorageError, match="1,000,000,000 bytes, over the limit"):
-        read_uri(f"{http_server}/declared")
+        read_uri(f"{hostile_http}/declared")
     with pytest.raises(StorageError, match="redirected to another host"):
-        read_uri(f"{http_server}/away")
+        read_uri(f"{hostile_http}/away")
 
 
 def test_s3_reads_are_bounded(s3_env):

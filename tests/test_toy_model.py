@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imagic import Editor, load_pipeline, make_config
+from imagic import make_config
 from imagic.toy import Scene, measure, parse_caption, render
 
 MODEL_DIR = Path(__file__).parent.parent / "imagic" / "toy" / "model"
