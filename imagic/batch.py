@@ -105,12 +105,16 @@ def chunk(entries: list[Entry], size: int) -> list[list[Entry]]:
     return [entries[i : i + size] for i in range(0, len(entries), size)]
 
 
-def claim(store: Storage, folder: str, holder: str, lease_s: float) -> dict | None:
+# A claim's lease, renewed while the entry trains: a crashed run holds its entry at most this long.
+LEASE_S, RENEW_EVERY_S = 600.0, 60.0
+
+
+def claim(store: Storage, folder: str, holder: str, lease_s: float = LEASE_S) -> dict | None:
     """Take `folder` for `holder` unless another holder's lease is live; None if taken, else the claim.
+    The holder of a live lease may claim again: that renews it.
 
     Numbered claim files written create-if-absent make this a compare-and-swap: of two runs that race for
-    the same number, one wins. A lease expires (a crashed run never blocks the entry for good) and is
-    longer than an entry may run (`entry_timeout_s`), so it needs no renewal.
+    the same number, one wins. A lease expires, so a crashed run never blocks the entry for good.
     """
     keys = sorted(store.list(f"{folder}/{CLAIMS}/"))
     number = 1
@@ -149,12 +153,22 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
     settings = settings or Settings.from_env()
     if holder is None or not folder:
         return _edit_into(editor, entry, store, folder, model, callback, settings)
-    if claim(store, folder, holder, settings.entry_timeout_s + 600) is None:
+    if claim(store, folder, holder) is None:
         return {"entry_id": entry.id, "manifest_line": entry.line, "status": "in_progress", "attempt": entry.attempt,
                 "folder": folder, "input": {"uri": redact_uri(entry.image)}, "target_text": entry.target_text,
                 "holder": live_claim(store, folder) or {}}
+    renewed = time.monotonic()
+
+    def renewing(stage: str, step: int, total: int, loss: float) -> None:
+        nonlocal renewed
+        if time.monotonic() - renewed > RENEW_EVERY_S:
+            claim(store, folder, holder)
+            renewed = time.monotonic()
+        if callback is not None:
+            callback(stage, step, total, loss)
+
     try:
-        return _edit_into(editor, entry, store, folder, model, callback, settings)
+        return _edit_into(editor, entry, store, folder, model, renewing, settings)
     finally:
         release(store, folder, holder)
 

@@ -249,3 +249,16 @@ def test_the_report_counts_entries_in_progress_elsewhere(editor, inputs, tmp_pat
     report = batch_report("b", read_records([entry], store, holder="run-b"), seconds=1.0)
     assert report["counts"]["in_progress"] == 1 and report["counts"]["failed"] == 0
     assert report["entries"][0]["holder"] == "run-a" and "being edited by run run-a" in report_html(report, str)
+
+
+def test_a_long_edit_renews_its_lease(editor, inputs, tmp_path, monkeypatch):
+    """Leases are short (a crashed run frees its entry within minutes) and renewed while an entry trains."""
+    import imagic.batch as batch
+
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False, loss_readback_steps=1)
+    monkeypatch.setattr(batch, "RENEW_EVERY_S", 0.0)  # renew at every progress report
+    assert run_entry(editor, entry, store, model="tiny", holder="run-a")["status"] == "succeeded"
+    claims = [json.loads(store.read_bytes(k)) for k in store.list("good/.claims/")]
+    assert len(claims) > 3 and {c["holder"] for c in claims} == {"run-a"}  # first, renewals, release
+    assert claims[-1]["expires_at"] == 0.0 and batch.LEASE_S <= 600
