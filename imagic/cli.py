@@ -191,8 +191,12 @@ def _stop_cleanly_on_signals() -> None:
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT always interrupts, even when the shell started this as a background job (which ignores it);
+    # SIGHUP only when not ignored on purpose (`nohup imagic run …` must survive a closed terminal).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, interrupt)
     # SIGKILL runs no handler: a watchdog beside this process stops what it started if it is killed.
     subprocess.Popen([sys.executable, "-m", "imagic.watchdog", str(os.getpid())], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
