@@ -231,8 +231,13 @@ class Editor:
                                       "time_ids": time_ids.expand(x.shape[0], -1)}}
 
     def predict(self, x: torch.Tensor, t, embedding: torch.Tensor) -> torch.Tensor:
-        """The UNet's output for latents `x` at timestep(s) `t` under `embedding`."""
-        return self.unet(x, t, **self.unet_inputs(x, embedding)).sample
+        """The UNet's prediction (ε, v or x0, as its scheduler says) for latents `x` at timestep(s) `t`."""
+        output = self.unet(x, t, **self.unet_inputs(x, embedding)).sample
+        if output.shape[1] == 2 * x.shape[1]:
+            # A learned-variance UNet (DeepFloyd IF: 6 channels for 3) predicts the variance too; the loss and
+            # DDIM use the prediction only, as diffusers' own IF fine-tuning scripts do.
+            output = output[:, : x.shape[1]]
+        return output
 
     # ------------------------------------------------------------------ stages A and B
 

@@ -292,3 +292,23 @@ def test_the_memory_a_full_finetune_needs_is_explicit(editor, quick_config):
     assert editor.full_finetune_bytes(quick_config("paper", use_8bit_adam=True)) == 14 * parameters
     sdxl_unet_parameters = 2_567_463_684
     assert 45e9 < 20 * sdxl_unet_parameters < 55e9  # the figure the docs give
+
+
+def test_a_learned_variance_unet_is_trained_and_rendered_on_its_prediction_only(tiny_dir, tmp_path, scene,
+                                                                                 quick_config):
+    """DeepFloyd IF's UNets output ε and a variance (2× the channels): only ε enters the loss and DDIM."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
+    UNet2DConditionModel.from_config({**unet.config, "out_channels": 8}).save_pretrained(tmp_path / "m" / "unet")
+    learned = Editor(load_pipeline(str(tmp_path / "m")))
+    x = torch.zeros(2, 4, 16, 16)
+    assert learned.unet(x, 10, encoder_hidden_states=learned.encode_text("x").expand(2, -1, -1)).sample.shape[1] == 8
+    assert learned.predict(x, 10, learned.encode_text("x")).shape == x.shape
+    base = unet_state(learned)
+    result = learned.edit(scene, "a blue circle", quick_config("community"), etas=[1.0], seeds=[0])
+    assert all(np.isfinite(result.losses["finetune"])) and result.images[(1.0, 0)].size == (32, 32)
+    assert all(torch.equal(base[k], v) for k, v in learned.unet.state_dict().items())
