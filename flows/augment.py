@@ -7,8 +7,8 @@ from typing import Literal
 
 from prefect import flow, get_run_logger, task
 
-from flows.retry import STORAGE_RETRIES
 from flows.bulk_edit import bulk_edit, final_state
+from flows.retry import STORAGE_RETRIES
 from imagic.augment import augmentation_manifest, check_locations, dataset_images
 from imagic.storage import open_storage
 

@@ -20,16 +20,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 
-from flows.retry import STORAGE_RETRIES
 from flows.edit_chunk import load_editor, run_chunk
-from imagic.batch import Plan, Redo, chunk, plan, read_records, reject
-from imagic.manifest import MAX_MANIFEST_BYTES, Entry, ManifestError, detect_format, validate_manifest
-from imagic.config import DEFAULT_MODEL
+from flows.retry import STORAGE_RETRIES
+from imagic.batch import Plan, chunk, plan, read_records, reject
+from imagic.config import DEFAULT_MODEL, Redo
 from imagic.layout import SHEET_FILE
+from imagic.manifest import Entry, detect_format, read_manifest_text, runnable, validate_manifest
 from imagic.model_store import known_model_sha256
 from imagic.report import batch_report, write_report
 from imagic.settings import Settings
-from imagic.storage import open_storage, read_uri, redact_uri
+from imagic.storage import open_storage
 
 EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
 # Above this share of the manifest's entries failing, the flow run ends Failed so that automations alert.
@@ -39,11 +39,7 @@ MAX_FAILURE_FRACTION = 0.5
 @task(**STORAGE_RETRIES)
 def read_manifest(manifest_uri: str) -> str:
     """The manifest's text (transient faults retried: it may live in S3 or behind HTTP)."""
-    data = read_uri(manifest_uri, max_bytes=MAX_MANIFEST_BYTES)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ManifestError([f"{redact_uri(manifest_uri)}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
+    return read_manifest_text(manifest_uri)
 
 
 @task(**STORAGE_RETRIES)
@@ -154,12 +150,10 @@ def bulk_edit(
     started = time.perf_counter()
     # 1. Read and validate, then plan
     text = read_manifest(manifest_uri)
-    # Validation is not retried. A bad entry gets an error record and the rest run; a bad file (or one
-    # with no valid entry at all) stops here, listing every problem with its line.
+    # Validation is not retried: a file that cannot run stops here, listing every problem with its line.
     entries, rejected, file_problems = validate_manifest(text, detect_format(manifest_uri), preset=preset,
                                                          overrides=overrides)
-    if file_problems or not entries:
-        raise ManifestError(file_problems + [p for r in rejected for p in r.problems])
+    entries = runnable(entries, rejected, file_problems)
     if rejected:
         logger.warning("%d invalid entries:\n%s", len(rejected), "\n".join(p for r in rejected for p in r.problems))
     model = model or entries[0].model or DEFAULT_MODEL  # the run's, else the manifest's, else the toy model
@@ -199,9 +193,9 @@ def bulk_edit(
     records += [{**record, "status": "finished_before"} for _, record in planned.done]
     records += [{**record, "status": "changed", "changes": changes} for _, record, changes in planned.changed]
     records += [{**record, "status": "failed_before"} for record in collect_records(planned.failed, output_uri)]
-    run = {"run_id": str(prefect.runtime.flow_run.id), "manifest_uri": manifest_uri, "output_uri": output_uri,
+    run = {"run_id": holder, "manifest_uri": manifest_uri, "output_uri": output_uri,
            "model": model, "redo": Redo(redo).value,
-           "run_name": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{str(prefect.runtime.flow_run.id)[:8]}"}
+           "run_name": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{holder[:8]}"}
     report = batch_report(batch_id, records, seconds=time.perf_counter() - started, run=run)
     links = write_report(store, report, {r["entry_id"]: r for r in records})
     publish_report(report, links, store.share_url)

@@ -11,9 +11,8 @@ from imagic import Editor, load_pipeline
 from imagic.batch import run_entry
 from imagic.config import DEFAULT_MODEL
 from imagic.layout import RECORD_FILE
-from imagic.manifest import MAX_MANIFEST_BYTES, ManifestError, detect_format, validate_manifest
+from imagic.manifest import detect_format, read_manifest_text, validate_manifest
 from imagic.settings import Settings
-from imagic.storage import read_uri, redact_uri
 from imagic.manifest import Entry
 from imagic.storage import open_storage
 
@@ -52,12 +51,8 @@ def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str,
 def resolve_entries(references: list[dict], manifest_uri: str, preset: str | None, overrides: dict | None,
                     settings: Settings) -> list[Entry]:
     """The chunk's entries, validated again from the manifest by id (and given their attempt folder)."""
-    text = read_uri(manifest_uri, max_bytes=MAX_MANIFEST_BYTES, timeout_s=settings.input_timeout_s)
-    try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ManifestError([f"{redact_uri(manifest_uri)}: not UTF-8 text"]) from None
-    entries, _, _ = validate_manifest(decoded, detect_format(manifest_uri), preset=preset, overrides=overrides,
+    text = read_manifest_text(manifest_uri, timeout_s=settings.input_timeout_s)
+    entries, _, _ = validate_manifest(text, detect_format(manifest_uri), preset=preset, overrides=overrides,
                                       settings=settings)
     by_id = {entry.id: entry for entry in entries}
     missing = [ref["id"] for ref in references if ref["id"] not in by_id]

@@ -14,11 +14,11 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
 
+from imagic.config import Redo
 from imagic.editor import Editor, ProgressCallback, failure_reason
 from imagic.images import ImageError, load_image
-from imagic.layout import CLAIMS, ERROR_FILE, RECORD_FILE, SHEET_FILE, claim_key, scan
+from imagic.layout import CLAIMS, ERROR_FILE, RECORD_FILE, SHEET_FILE, attempt_folder, claim_key, scan
 from imagic.manifest import Entry, Rejected
 from imagic.model_store import model_sha256
 from imagic.record import edit_record, failure_record, request, request_changes, sha256
@@ -26,15 +26,6 @@ from imagic.result import image_name, png_bytes
 from imagic.sheet import contact_sheet
 from imagic.settings import Settings
 from imagic.storage import Storage, StorageError, read_uri, redact_text, redact_uri
-
-
-class Redo(str, Enum):
-    """What a re-run of a batch edits again, besides entries never attempted. Each level includes the last."""
-
-    none = "none"  # only entries never attempted
-    failed = "failed"  # … and entries whose latest attempt failed (the default: a failure has nothing to lose)
-    changed = "changed"  # … and entries whose finished record answers another request (a new attempt folder)
-    all = "all"  # … and every finished entry (a new attempt folder each)
 
 
 _REDO_ORDER = list(Redo)
@@ -66,16 +57,16 @@ def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | 
         latest = found.latest if found else 0
         if not found or not latest:
             result.todo.append(entry)
-        elif latest in found.finished:
+        elif found.state == "finished":
             finished.append((entry, latest))
-        elif latest in found.failed and redo_level < _REDO_ORDER.index(Redo.failed):
+        elif found.state == "failed" and redo_level < _REDO_ORDER.index(Redo.failed):
             result.failed.append(entry)
         else:  # failed, or started and never finished (a killed worker): try again in the same folder
             result.todo.append(entry.model_copy(update={"attempt": latest}))
 
     def compare(item: tuple[Entry, int]) -> tuple[Entry, int, dict, list[str]]:
         entry, attempt = item
-        record = json.loads(store.read_bytes(f"{entry.model_copy(update={'attempt': attempt}).folder}/{RECORD_FILE}"))
+        record = json.loads(store.read_bytes(f"{attempt_folder(entry.id, attempt)}/{RECORD_FILE}"))
         wanted = request(input_uri=entry.image, target_text=entry.target_text, model=model, model_sha256=model_hash,
                          config=entry.config.model_dump(mode="json"), etas=entry.etas, seeds=entry.seeds,
                          input_sha256=_input_sha256(entry.image) if check_inputs else None)
@@ -116,30 +107,39 @@ def claim(store: Storage, folder: str, holder: str, lease_s: float = LEASE_S) ->
     Numbered claim files written create-if-absent make this a compare-and-swap: of two runs that race for
     the same number, one wins. A lease expires, so a crashed run never blocks the entry for good.
     """
-    keys = sorted(store.list(f"{folder}/{CLAIMS}/"))
-    number = 1
-    if keys:
-        latest = json.loads(store.read_bytes(keys[-1]))
-        if latest["holder"] != holder and latest["expires_at"] > time.time():
-            return None
-        number = int(keys[-1].rsplit("/", 1)[1].split(".")[0]) + 1
+    number, latest = _latest_claim(store, folder)
+    if latest and latest["holder"] != holder and latest["expires_at"] > time.time():
+        return None
     mine = {"holder": holder, "expires_at": time.time() + lease_s}
-    return mine if store.write_bytes(claim_key(folder, number), _json(mine), if_absent=True) else None
+    return mine if store.write_bytes(claim_key(folder, number + 1), _json(mine), if_absent=True) else None
 
 
 def live_claim(store: Storage, folder: str) -> dict | None:
     """The folder's latest claim, if its lease is live."""
-    keys = sorted(store.list(f"{folder}/{CLAIMS}/"))
-    latest = json.loads(store.read_bytes(keys[-1])) if keys else None
+    _, latest = _latest_claim(store, folder)
     return latest if latest and latest["expires_at"] > time.time() else None
 
 
 def release(store: Storage, folder: str, holder: str) -> None:
     """End `holder`'s lease on `folder` now (an expired claim on top), so a re-run need not wait for it."""
+    number, latest = _latest_claim(store, folder)
+    if latest and latest["holder"] == holder:
+        store.write_bytes(claim_key(folder, number + 1), _json({"holder": holder, "expires_at": 0.0}), if_absent=True)
+
+
+def _latest_claim(store: Storage, folder: str) -> tuple[int, dict | None]:
+    """(number, content) of the folder's latest claim; (0, None) when it has none."""
     keys = sorted(store.list(f"{folder}/{CLAIMS}/"))
-    if keys and json.loads(store.read_bytes(keys[-1]))["holder"] == holder:
-        number = int(keys[-1].rsplit("/", 1)[1].split(".")[0]) + 1
-        store.write_bytes(claim_key(folder, number), _json({"holder": holder, "expires_at": 0.0}), if_absent=True)
+    if not keys:
+        return 0, None
+    return int(keys[-1].rsplit("/", 1)[1].split(".")[0]), json.loads(store.read_bytes(keys[-1]))
+
+
+def _in_progress(entry: Entry, folder: str, holding: dict) -> dict:
+    """The record-shaped row of an entry another run of the batch is editing now."""
+    return {"entry_id": entry.id, "manifest_line": entry.line, "status": "in_progress", "attempt": entry.attempt,
+            "folder": folder, "input": {"uri": redact_uri(entry.image)}, "target_text": entry.target_text,
+            "holder": holding}
 
 
 def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folder: str | None = None,
@@ -154,9 +154,7 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
     if holder is None or not folder:
         return _edit_into(editor, entry, store, folder, model, callback, settings)
     if claim(store, folder, holder) is None:
-        return {"entry_id": entry.id, "manifest_line": entry.line, "status": "in_progress", "attempt": entry.attempt,
-                "folder": folder, "input": {"uri": redact_uri(entry.image)}, "target_text": entry.target_text,
-                "holder": live_claim(store, folder) or {}}
+        return _in_progress(entry, folder, live_claim(store, folder) or {})
     renewed = time.monotonic()
 
     def renewing(stage: str, step: int, total: int, loss: float) -> None:
@@ -272,9 +270,7 @@ def read_records(entries: list[Entry], store: Storage, holder: str | None = None
                 continue
         holding = live_claim(store, entry.folder)
         if holding and holding["holder"] != holder:  # another run of the batch is editing it now
-            return {"entry_id": entry.id, "manifest_line": entry.line, "status": "in_progress", "folder": entry.folder,
-                    "attempt": entry.attempt, "input": {"uri": redact_uri(entry.image)},
-                    "target_text": entry.target_text, "holder": holding}
+            return _in_progress(entry, entry.folder, holding)
         return failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
                               target_text=entry.target_text, reason="not_run", attempt=entry.attempt,
                               message="no record after the batch (worker lost?); a re-run of the batch redoes it")

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import imagic
-from imagic.config import DEFAULT_ETAS, DEFAULT_MODEL, DEFAULT_PRESET, DEFAULT_SEEDS, PRESETS
+from imagic.config import DEFAULT_ETAS, DEFAULT_MODEL, DEFAULT_PRESET, DEFAULT_SEEDS, PRESETS, Redo
 from imagic.layout import ERROR_FILE, RECORD_FILE, SHEET_FILE, scan
 
 # Everything heavy (torch, diffusers, Prefect) is imported inside the command that needs it: `--help`,
@@ -35,13 +35,6 @@ Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 class Mode(str, Enum):
     local = "local"  # the entries run in this process
     deployment = "deployment"  # edit-chunk runs on a work pool
-
-
-class Redo(str, Enum):  # the values of imagic.batch.Redo, without importing the engine
-    none = "none"
-    failed = "failed"
-    changed = "changed"
-    all = "all"
 
 
 EtaOption = Annotated[list[str] | None, typer.Option(
@@ -204,14 +197,10 @@ def _stop_cleanly_on_signals() -> None:
 
 def _validate(manifest: str, preset: str | None, overrides: dict | None) -> list:
     """The manifest's valid entries; a file that cannot run at all raises (one line per problem)."""
-    from imagic.manifest import ManifestError, detect_format, validate_manifest
+    from imagic.manifest import detect_format, read_manifest_text, runnable, validate_manifest
 
     fmt = detect_format(manifest)
-    entries, rejected, file_problems = validate_manifest(_manifest_text(manifest), fmt, preset=preset,
-                                                         overrides=overrides)
-    if file_problems or not entries:
-        raise ManifestError(file_problems + [p for r in rejected for p in r.problems])
-    return entries
+    return runnable(*validate_manifest(read_manifest_text(manifest), fmt, preset=preset, overrides=overrides))
 
 
 manifest_app = typer.Typer(help="Manifests: validate them, print their JSON Schema.", no_args_is_help=True)
@@ -223,10 +212,10 @@ def manifest_validate(
     manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
 ) -> None:
     """Check a manifest and print every problem with its line; exit 2 if there are any."""
-    from imagic.manifest import detect_format, parse_manifest
+    from imagic.manifest import detect_format, parse_manifest, read_manifest_text
 
     with _errors():
-        entries = parse_manifest(_manifest_text(manifest), detect_format(manifest))
+        entries = parse_manifest(read_manifest_text(manifest), detect_format(manifest))
     console.print(f"[green]valid:[/] {len(entries)} entries, {sum(len(e.etas) * len(e.seeds) for e in entries)} images")
 
 
@@ -258,8 +247,8 @@ def status(
         if not keys:
             raise StorageError(f"{output}: no outputs here (is the path right?)")
         attempts = {entry_id: a for entry_id, a in scan(keys).items() if a.latest}
-        done = {e for e, a in attempts.items() if a.latest in a.finished}
-        failed = {e for e, a in attempts.items() if a.latest in a.failed and e not in done}
+        done = {e for e, a in attempts.items() if a.state == "finished"}
+        failed = {e for e, a in attempts.items() if a.state == "failed"}
         reasons = Counter(json.loads(store.read_bytes(f"{attempt_folder(e, attempts[e].latest)}/{ERROR_FILE}"))
                           ["error"]["reason"] for e in failed)
         redone = sum(1 for a in attempts.values() if a.latest > 1)
@@ -287,16 +276,6 @@ def _status_plan(manifest: str, store, model: str | None) -> None:
                   f"{len(planned.failed)} failed and not retried")
     for entry, _, changes in planned.changed:
         console.print(f"  changed: {entry.id} ({', '.join(changes)}); redo with --redo changed", soft_wrap=True)
-
-
-def _manifest_text(manifest: str) -> str:
-    from imagic.manifest import ManifestError
-    from imagic.storage import read_uri
-
-    try:
-        return read_uri(manifest).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ManifestError([f"{manifest}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
 
 
 def _editor(model: str, device: str):
@@ -364,7 +343,7 @@ def _batch_progress(entries: list, output: str):
     def state(keys: list[str]) -> tuple[set[str], set[str]]:  # (finished ids, ids whose latest attempt failed)
         attempts = scan(keys)
         return ({e for e, a in attempts.items() if a.finished},
-                {e for e, a in attempts.items() if a.latest in a.failed and a.latest not in a.finished})
+                {e for e, a in attempts.items() if a.state == "failed"})
 
     try:
         store = open_storage(output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -10,7 +11,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 ETA_MIN, ETA_MAX = 0.0, 2.0
 DEFAULT_ETAS = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # wide: the selection picks (README, toy benchmark)
 DEFAULT_SEEDS = (0,)
-DEFAULT_MODEL = "toy"
+DEFAULT_MODEL = "toy"  # the shipped toy model: what runs when no model is named (imagic/models.py resolves it)
+
+
+class Redo(str, Enum):
+    """What a re-run of a batch edits again, besides entries never attempted. Each level includes the last."""
+
+    none = "none"  # only entries never attempted
+    failed = "failed"  # … and entries whose latest attempt failed (the default: a failure has nothing to lose)
+    changed = "changed"  # … and entries whose finished record answers another request (a new attempt folder)
+    all = "all"  # … and every finished entry (a new attempt folder each)
 
 
 def _distinct(values: list) -> list:

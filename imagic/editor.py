@@ -202,7 +202,9 @@ class Editor:
         if not self.is_xl:
             return self.text_encoder(self._token_ids(self.tokenizer, text))[0].float()
         if text == "" and self.pipeline.config.get("force_zeros_for_empty_prompt", False):
-            return torch.zeros_like(self.encode_text(" "))  # SDXL's negative branch: zeros, as its pipeline does
+            # SDXL's negative branch: zeros, as its pipeline does (the sequence and the pooled row).
+            width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+            return torch.zeros(1, self.tokenizer.model_max_length + 1, width, device=self.device)
         first = self.text_encoder(self._token_ids(self.tokenizer, text), output_hidden_states=True)
         second = self.text_encoder_2(self._token_ids(self.tokenizer_2, text), output_hidden_states=True)
         sequence = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)  # (1, L, D1 + D2)

@@ -49,6 +49,13 @@ class Attempts:
     def latest(self) -> int:
         return max(self.started | self.finished | self.failed, default=0)
 
+    @property
+    def state(self) -> str:
+        """Of the latest attempt: `finished` (a record), `failed` (only an error record), or `started`."""
+        if self.latest in self.finished:
+            return "finished"
+        return "failed" if self.latest in self.failed else "started"
+
 
 def scan(keys: list[str]) -> dict[str, Attempts]:
     """Every entry's attempts, from one listing of the store (not a request per entry)."""

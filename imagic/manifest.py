@@ -21,7 +21,7 @@ from imagic.config import (DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, GRID_MES
                            Seeds, make_config)
 from imagic.layout import attempt_folder
 from imagic.settings import Settings
-from imagic.storage import redact_uri
+from imagic.storage import DEFAULT_TIMEOUT_S, read_uri, redact_uri
 
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -204,6 +204,23 @@ def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, over
             target_text=_clean(data.get("target_text")) if isinstance(data.get("target_text"), str) else None,
         ))
     return entries, rejected, file_problems
+
+
+def read_manifest_text(uri: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """A manifest's text, read like any input but bounded by MAX_MANIFEST_BYTES; not UTF-8 is one problem."""
+    data = read_uri(uri, max_bytes=MAX_MANIFEST_BYTES, timeout_s=timeout_s)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError([f"{redact_uri(uri)}: not UTF-8 text ({err.reason} at byte {err.start})"]) from None
+
+
+def runnable(entries: list[Entry], rejected: list[Rejected], file_problems: list[str]) -> list[Entry]:
+    """The entries a batch runs. A bad entry gets an error record and the rest run; a bad file, or one with
+    no valid entry at all, raises ManifestError listing every problem with its line."""
+    if file_problems or not entries:
+        raise ManifestError(file_problems + [p for r in rejected for p in r.problems])
+    return entries
 
 
 def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,

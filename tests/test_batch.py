@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from imagic.batch import Redo, chunk, plan, run_entry
+from imagic.batch import chunk, plan, run_entry
+from imagic.config import Redo
 from imagic.layout import scan
 from imagic.manifest import parse_manifest
 from imagic.model_store import model_sha256
