@@ -152,7 +152,7 @@ def bulk_edit(
     text = read_manifest(manifest_uri)
     # Validation is not retried: a file that cannot run stops here, listing every problem with its line.
     entries, rejected, file_problems = validate_manifest(text, detect_format(manifest_uri), preset=preset,
-                                                         overrides=overrides)
+                                                         overrides=overrides, model=model)
     entries = runnable(entries, rejected, file_problems)
     if rejected:
         logger.warning("%d invalid entries:\n%s", len(rejected), "\n".join(p for r in rejected for p in r.problems))

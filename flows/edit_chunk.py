@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.retry import STORAGE_RETRIES, transient_only
-from imagic import Editor, load_pipeline
+from imagic import Editor
 from imagic.batch import run_entry
 from imagic.config import DEFAULT_MODEL
 from imagic.layout import RECORD_FILE
@@ -25,7 +25,7 @@ def load_editor(model: str, device: str = "auto") -> Editor:
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Editor(load_pipeline(model, device))
+    return Editor.from_pretrained(model, device)
 
 
 @task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache
@@ -49,11 +49,11 @@ def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str,
 
 @task(**STORAGE_RETRIES)
 def resolve_entries(references: list[dict], manifest_uri: str, preset: str | None, overrides: dict | None,
-                    settings: Settings) -> list[Entry]:
+                    settings: Settings, model: str | None = None) -> list[Entry]:
     """The chunk's entries, validated again from the manifest by id (and given their attempt folder)."""
     text = read_manifest_text(manifest_uri, timeout_s=settings.input_timeout_s)
     entries, _, _ = validate_manifest(text, detect_format(manifest_uri), preset=preset, overrides=overrides,
-                                      settings=settings)
+                                      settings=settings, model=model)
     by_id = {entry.id: entry for entry in entries}
     missing = [ref["id"] for ref in references if ref["id"] not in by_id]
     if missing:  # the manifest changed since the parent planned: those entries show up as not_run
@@ -81,7 +81,7 @@ def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL,
     """
     settings = Settings.from_env("deployment")
     if manifest_uri is not None:
-        chosen = resolve_entries(entries, manifest_uri, preset, overrides, settings)
+        chosen = resolve_entries(entries, manifest_uri, preset, overrides, settings, model)
     else:
         chosen = [Entry(**e) for e in entries]
     editor = load_editor(model, device)

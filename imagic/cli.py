@@ -65,7 +65,9 @@ def edit(
     eta: EtaOption = None,
     seed: SeedOption = None,
     preset: Annotated[Preset, typer.Option(help="Named set of config defaults.")] = DEFAULT_PRESET,
-    model: Annotated[str, typer.Option(help="Hub id, local diffusers directory, s3:// prefix, or toy / tiny / tiny-xl.")] = (
+    model: Annotated[str, typer.Option(
+        help="Hub id, local diffusers directory, s3:// prefix, or toy / tiny / tiny-xl / tiny-if; a cascade is "
+             "base+super_resolution.")] = (
         DEFAULT_MODEL
     ),
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/edit"),
@@ -83,7 +85,7 @@ def edit(
     with _errors():
         entry = single_entry(image, target, etas=_floats(eta) if eta else None, seeds=_ints(seed) if seed else None,
                              preset=Preset(preset).value, overrides=_overrides(set_ or []),
-                             entry_id=_safe_id(out.name))
+                             entry_id=_safe_id(out.name), model=model)
         editor = _editor(model, device)
         with _progress() as progress:
             record = run_entry(editor, entry, LocalStorage(out), model=model, folder="", callback=progress)
@@ -161,7 +163,7 @@ def run(
     with _errors():
         overrides = _overrides(set_ or []) or None
         preset_name = Preset(preset).value if preset else None
-        entries = _validate(manifest, preset_name, overrides)  # before Prefect starts: a bad file costs no wait
+        entries = _validate(manifest, preset_name, overrides, model)  # before Prefect starts: a bad file costs no wait
         open_storage(output)  # a bad scheme, at once
         _stop_cleanly_on_signals()
         from flows.bulk_edit import bulk_edit
@@ -195,12 +197,13 @@ def _stop_cleanly_on_signals() -> None:
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _validate(manifest: str, preset: str | None, overrides: dict | None) -> list:
+def _validate(manifest: str, preset: str | None, overrides: dict | None, model: str | None = None) -> list:
     """The manifest's valid entries; a file that cannot run at all raises (one line per problem)."""
     from imagic.manifest import detect_format, read_manifest_text, runnable, validate_manifest
 
     fmt = detect_format(manifest)
-    return runnable(*validate_manifest(read_manifest_text(manifest), fmt, preset=preset, overrides=overrides))
+    return runnable(*validate_manifest(read_manifest_text(manifest), fmt, preset=preset, overrides=overrides,
+                                       model=model))
 
 
 manifest_app = typer.Typer(help="Manifests: validate them, print their JSON Schema.", no_args_is_help=True)
@@ -270,7 +273,7 @@ def status(
 def _status_plan(manifest: str, store, model: str | None) -> None:
     from imagic.batch import plan
 
-    entries = _validate(manifest, None, None)
+    entries = _validate(manifest, None, None, model)
     planned = plan(entries, store, model=model or entries[0].model or DEFAULT_MODEL)
     console.print(f"{manifest}: {len(planned.todo)} to do, {len(planned.done)} done, {len(planned.changed)} changed, "
                   f"{len(planned.failed)} failed and not retried")
@@ -285,7 +288,6 @@ def _editor(model: str, device: str):
     from transformers.utils import logging as transformers_logging
 
     from imagic.editor import Editor
-    from imagic.models import load_pipeline
 
     diffusers_logging.disable_progress_bar()  # the status spinner says it; tqdm would fight rich
     transformers_logging.disable_progress_bar()
@@ -293,7 +295,7 @@ def _editor(model: str, device: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     with console.status(f"loading {model} on {device}"):
-        return Editor(load_pipeline(model, device))
+        return Editor.from_pretrained(model, device)
 
 
 def _safe_id(name: str) -> str | None:

@@ -1,12 +1,13 @@
-"""Imagic (Kawar et al., CVPR 2023) on any diffusers Stable Diffusion pipeline.
+"""Imagic (Kawar et al., CVPR 2023) on any diffusers Stable Diffusion pipeline (or a pixel-space IF base).
 
-    image ──vae──► latents x0 ─┐
+    image ──vae──► latents x0 ─┐            (a pixel-space model: x0 is the image itself)
     target text ──clip──► e_tgt ──(1) optimise, model frozen──► e_opt
                                └─(2) fine-tune the UNet (full or LoRA), e_opt fixed
     (3) render ē = η·e_tgt + (1−η)·e_opt for every (η, seed), classifier-free guided, DDIM
 
 One `Editor` holds one loaded pipeline and edits many images in turn: each edit restores the base
-weights exactly when it ends, without reloading them from disk.
+weights exactly when it ends, without reloading them from disk. A cascade (base + super-resolution, the
+paper's Imagen setting) is `imagic.cascade.CascadeEditor`; `Editor.from_pretrained` picks the right one.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, Sta
 from PIL import Image
 
 from imagic.anchoring import SourceAttention, ddim_invert, edit_mask, injected_self_attention
-from imagic.config import EditConfig, check_grid
+from imagic.config import SR_OPTIONS, EditConfig, check_grid
 from imagic.images import fit_image
-from imagic.models import scheduler_config
+from imagic.models import Cascade, load_pipeline, scheduler_config
 from imagic.prediction import training_target
 from imagic.result import EditResult
 from imagic.scores import score_outputs
@@ -35,14 +36,19 @@ from imagic.selection import select
 ProgressCallback = Callable[[str, int, int, float], None]
 LORA_ADAPTER = "imagic"
 LORA_TARGET_EXAMPLES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in")
+T5_MAX_TOKENS = 77  # what DeepFloyd IF's pipelines encode (its T5 tokenizer would allow 512)
 
 
 class Editor:
     """Runs Imagic's three stages on `pipeline` (its weights fp32; see `imagic.models.load_pipeline`)."""
 
+    has_super_resolution = False  # a cascade's editor has one (imagic/cascade.py)
+
     def __init__(self, pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline):
-        self.pipeline = pipeline
-        self.unet, self.vae = pipeline.unet, pipeline.vae
+        if isinstance(pipeline, Cascade):
+            raise TypeError("a cascade is edited by imagic.cascade.CascadeEditor (Editor.from_pretrained picks it)")
+        self.pipeline, self.scheduler = pipeline, pipeline.scheduler
+        self.unet, self.vae = pipeline.unet, getattr(pipeline, "vae", None)  # no VAE: a pixel-space model
         self.text_encoder, self.tokenizer = pipeline.text_encoder, pipeline.tokenizer
         # SDXL: a second text encoder, and a pooled embedding the UNet takes beside the sequence.
         self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
@@ -55,13 +61,23 @@ class Editor:
         # Training uses the checkpoint's own noise schedule; rendering uses DDIM on the same betas, with
         # the SD-correct values for what the checkpoint's scheduler config leaves out.
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config(pipeline.scheduler))
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae else 1
         self.resolution = self.unet.config.sample_size * self.vae_scale_factor
         # Image sides must divide down to the UNet's smallest feature map.
         self.size_multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self._base_unet_state: dict[str, torch.Tensor] | None = None  # snapshot for full fine-tunes
         self._unet_modified = False
         self._deadline: float | None = None
+
+    @classmethod
+    def from_pretrained(cls, model: str, device: str | torch.device = "cpu") -> Editor:
+        """The editor for `model` (see `imagic.models.load_pipeline`): a cascade gets a `CascadeEditor`."""
+        pipeline = load_pipeline(model, device)
+        if isinstance(pipeline, Cascade):
+            from imagic.cascade import CascadeEditor
+
+            return CascadeEditor(pipeline)
+        return cls(pipeline)
 
     # ------------------------------------------------------------------ the whole edit
 
@@ -94,13 +110,15 @@ class Editor:
                 # 3. Stage A: optimise the text embedding, model frozen
                 with stats.stage("embedding"):
                     e_opt, embedding_losses = self.optimize_embedding(latents, e_tgt, config, generator, callback)
-                # 4. Stage B: fine-tune the model with e_opt fixed
-                with stats.stage("finetune"):
-                    delta, finetune_losses = self.finetune(latents, e_opt, config, generator, callback)
+                # 4. Stage B: fine-tune the model with e_opt fixed (a cascade: its SR model too, at e_tgt)
+                delta, finetune_losses = self.finetune_all(image, latents, e_tgt, e_opt, config, generator,
+                                                           callback, stats)
                 # 5. Stage C: interpolate and render (and η=0 once more: does the edit still hold the input?)
                 with stats.stage("render"):
                     check = [] if not config.score_outputs or 0.0 in etas else [0.0]
-                    images = self.render(e_tgt, e_opt, [*etas, *check], seeds, config, latents)
+                    images = self.render(e_tgt, e_opt, etas, seeds, config, latents)
+                    if check:  # batched apart, so that a re-render of `etas` batches (and rounds) exactly alike
+                        images.update(self.render(e_tgt, e_opt, check, seeds, config, latents))
             finally:
                 self._deadline = None
                 self.restore()
@@ -123,14 +141,27 @@ class Editor:
             e_tgt=e_tgt.cpu(),
             e_opt=e_opt.cpu(),
             delta=delta if (config.finetune_method == "lora" or config.save_full_delta) else None,
-            losses={"embedding": embedding_losses, "finetune": finetune_losses},
+            losses={"embedding": embedding_losses, **finetune_losses},
             seconds=stats.seconds,
             peak_memory_bytes=stats.peak_memory_bytes,
             scores=scores,
             reconstruction_fidelity=reconstruction,
             selection=selection,
             input_transform=input_transform,
+            stages=self.stages(config, image),
         )
+
+    def stages(self, config: EditConfig, image: Image.Image) -> list[dict]:
+        """What each model of the edit saw and was trained on, for the record (a cascade has two)."""
+        width, height = (side // self.vae_scale_factor for side in image.size)
+        return [{"name": "base", "space": "latent" if self.vae else "pixel", "size": [width, height],
+                 "finetuned_on": "e_opt"}]
+
+    def finetune_all(self, image, latents, e_tgt, e_opt, config, generator, callback, stats):
+        """Stage B for every model the edit trains: here the one UNet, on the input at e_opt."""
+        with stats.stage("finetune"):
+            delta, losses = self.finetune(latents, e_opt, config, generator, callback)
+        return delta, {"finetune": losses}
 
     def render_result(
         self, result: EditResult, etas: tuple[float, ...] | list[float], seeds: tuple[int, ...] | list[int]
@@ -154,13 +185,15 @@ class Editor:
     def check_inputs(self, config: EditConfig, etas, seeds) -> None:
         """ValueError for a request this pipeline cannot run, before anything is changed."""
         check_grid(list(etas), list(seeds))
-        if config.finetune_method == "lora":
-            # peft fails only after it has started wrapping modules: name the targets it would miss first.
-            names = [name for name, _ in self.unet.named_modules()]
-            missing = [t for t in config.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-            if missing:
-                raise ValueError(f"lora_target_modules {missing} name no module of this UNet "
-                                 f"(e.g. {', '.join(LORA_TARGET_EXAMPLES)})")
+        self.check_lora_targets(config)
+        if not self.has_super_resolution:
+            sr_options = [name for name in SR_OPTIONS if getattr(config, name) != EditConfig.model_fields[name].default]
+            if sr_options:
+                raise ValueError(f"{', '.join(sr_options)} set, but this model has no super-resolution stage "
+                                 "(a cascade is written base+super_resolution)")
+        if config.attention_injection > 0 and not any(n.endswith("attn1.processor") for n in self.unet.attn_processors):
+            raise ValueError("attention_injection needs separate self-attention layers (attn1); this UNet has none "
+                             "(DeepFloyd IF's attention attends to the image and the text at once)")
         if self.device.type != "cuda":
             cuda_only = []
             if config.mixed_precision not in ("no", "auto"):
@@ -169,26 +202,43 @@ class Editor:
                 cuda_only.append("use_8bit_adam=True")
             if cuda_only:
                 raise ValueError(f"{', '.join(cuda_only)} need a CUDA device; this pipeline is on {self.device}")
-        elif config.finetune_method == "full":
-            needed, total = self.full_finetune_bytes(config), torch.cuda.get_device_properties(self.device).total_memory
-            if needed > 0.9 * total:
-                raise ValueError(f"a full fine-tune of this UNet needs about {needed / 2**30:.0f} GiB (fp32 weights, "
-                                 f"gradients, Adam state and the base snapshot); this GPU has {total / 2**30:.0f} GiB: "
-                                 "use finetune_method=lora (the default preset), or use_8bit_adam=true")
+            return
+        needs, total = self.memory_needs(config), torch.cuda.get_device_properties(self.device).total_memory
+        if sum(needs.values()) > 0.9 * total:
+            parts = ", ".join(f"{name} {size / 2**30:.0f}" for name, size in needs.items() if size)
+            advice = ("set use_8bit_adam=true or finetune_method=lora (the default preset)"
+                      if config.finetune_method == "full" else "use a GPU with more memory")
+            raise ValueError(f"this edit needs about {sum(needs.values()) / 2**30:.0f} GiB besides activations "
+                             f"({parts} GiB); this GPU has {total / 2**30:.0f} GiB: {advice}")
 
-    def full_finetune_bytes(self, config: EditConfig) -> int:
-        """Memory a full fine-tune holds besides activations: fp32 weights, gradients and the base snapshot,
-        and Adam's two moments (fp32, or 1 byte each with 8-bit Adam). SD 1.5: ≈ 17 GB; SDXL: ≈ 51 GB."""
-        parameters = sum(p.numel() for p in self.unet.parameters())
-        return parameters * (4 + 4 + 4 + (2 if config.use_8bit_adam else 8))
+    def check_lora_targets(self, config: EditConfig) -> None:
+        if config.finetune_method != "lora":
+            return
+        # peft fails only after it has started wrapping modules: name the targets it would miss first.
+        names = [name for name, _ in self.unet.named_modules()]
+        missing = [t for t in config.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise ValueError(f"lora_target_modules {missing} name no module of this UNet "
+                             f"(e.g. {', '.join(LORA_TARGET_EXAMPLES)})")
+
+    def memory_needs(self, config: EditConfig) -> dict[str, int]:
+        """Bytes an edit holds on the device besides activations, by part: the UNet's fp32 weights, and for
+        a full fine-tune its gradients, base snapshot and Adam's two moments (fp32, or 1 byte each with
+        8-bit Adam); the frozen models at their dtype. SD 1.5 full: ≈ 17 GB; SDXL full: ≈ 51 GB."""
+        weights = _weight_bytes(self.unet)
+        training = finetune_bytes(self.unet, config) - weights if config.finetune_method == "full" else 0
+        frozen = sum(_weight_bytes(m) for m in (self.vae, self.text_encoder, self.text_encoder_2) if m is not None)
+        return {"unet weights": weights, "unet training": training, "frozen models": frozen}
 
     # ------------------------------------------------------------------ encoders
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, config: EditConfig) -> torch.Tensor:
-        """RGB image at `self.resolution` → scaled VAE latents, shape (1, C, H/f, W/f)."""
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
-        pixels = pixels.permute(2, 0, 1).unsqueeze(0).to(self.device)  # (1, 3, H, W)
+        """RGB image at `self.resolution` → scaled VAE latents, shape (1, C, H/f, W/f); a pixel-space model
+        takes the pixels in [-1, 1], shape (1, 3, H, W)."""
+        pixels = to_tensor(image).to(self.device)
+        if self.vae is None:
+            return pixels
         with self._vae_autocast(config):
             latents = self.vae.encode(pixels).latent_dist.mode()
         return latents.float() * self.vae.config.scaling_factor
@@ -199,6 +249,9 @@ class Editor:
         SDXL both encoders' penultimate states side by side, and the pooled embedding packed as one more
         row (so that stage 1 optimises it and stage 3 interpolates it with the sequence; `unet_inputs`
         unpacks it). Too-long text is an error, never silently cut."""
+        if self.text_encoder.config.model_type == "t5":  # DeepFloyd IF: T5 states, padding masked as IF does
+            tokens = self._tokens(self.tokenizer, text, min(T5_MAX_TOKENS, self.tokenizer.model_max_length))
+            return self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0].float()
         if not self.is_xl:
             return self.text_encoder(self._token_ids(self.tokenizer, text))[0].float()
         if text == "" and self.pipeline.config.get("force_zeros_for_empty_prompt", False):
@@ -213,11 +266,13 @@ class Editor:
         return torch.cat([sequence, row], dim=1).float()
 
     def _token_ids(self, tokenizer, text: str) -> torch.Tensor:
-        max_length = tokenizer.model_max_length
-        ids = tokenizer(text, padding="max_length", max_length=max_length, truncation=False, return_tensors="pt")
-        if ids.input_ids.shape[1] > max_length:
-            raise ValueError(f"text is {ids.input_ids.shape[1]} tokens; this model takes at most {max_length}: {text!r}")
-        return ids.input_ids.to(self.device)
+        return self._tokens(tokenizer, text, tokenizer.model_max_length).input_ids
+
+    def _tokens(self, tokenizer, text: str, max_length: int):
+        tokens = tokenizer(text, padding="max_length", max_length=max_length, truncation=False, return_tensors="pt")
+        if tokens.input_ids.shape[1] > max_length:
+            raise ValueError(f"text is {tokens.input_ids.shape[1]} tokens; this model takes at most {max_length}: {text!r}")
+        return tokens.to(self.device)
 
     def unet_inputs(self, x: torch.Tensor, embedding: torch.Tensor) -> dict:
         """The UNet's conditioning for latents `x` (n, C, h, w) and an embedding from `encode_text` (1 or n rows)."""
@@ -291,7 +346,7 @@ class Editor:
             return None, losses
         delta = {name: (p.detach() - base[name]).cpu() for name, p in self.unet.named_parameters()}
         # Render from base + delta, exactly what a later render-only run reconstructs.
-        self.apply_delta(delta, config)
+        self._apply_unet_delta(delta, config)
         return delta, losses
 
     def training_draws(self, latents: torch.Tensor, steps: int, config: EditConfig,
@@ -367,7 +422,7 @@ class Editor:
         # The negative branch of guidance: the empty text (the paper), or e_opt — the input itself, so that
         # guidance pushes only along what the text changes (negative-prompt inversion, arXiv 2305.16807).
         uncond = self.encode_text("") if config.negative_embedding == "empty" else e_opt  # (1, L, D)
-        scheduler = DDIMScheduler.from_config(scheduler_config(self.pipeline.scheduler))
+        scheduler = DDIMScheduler.from_config(scheduler_config(self.scheduler))
         scheduler.set_timesteps(config.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
         side = self.unet.config.sample_size
@@ -409,8 +464,14 @@ class Editor:
                     self._check_deadline()
                     if mask is not None:  # outside the edit mask, the input's own trajectory
                         x = mask * x + (1 - mask) * trajectory[len(timesteps) - i - 1]
-                images.update((key, image) for key, image in zip(chunk, self.decode_latents(x, config)) if key[0] >= 0)
+                images.update((key, image) for key, image in zip(chunk, self.to_images(x, chunk, e_tgt, config))
+                              if key[0] >= 0)
         return images
+
+    def to_images(self, x: torch.Tensor, keys: list[tuple[float, int]], e_tgt: torch.Tensor,
+                  config: EditConfig) -> list[Image.Image]:
+        """The rendered samples `x` (one per (η, seed) in `keys`) as images: decoded (a cascade: upsampled)."""
+        return self.decode_latents(x, config)
 
     def _render_chunks(self, etas, seeds, config: EditConfig) -> list[list[tuple[float, int]]]:
         """(η, seed) groups rendered in one batch. With attention injection each group is one seed's and
@@ -456,15 +517,19 @@ class Editor:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, config: EditConfig) -> list[Image.Image]:
+        if self.vae is None:
+            return to_images(latents)
         with self._vae_autocast(config):
             pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (n, 3, H, W)
-        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+        return to_images(pixels)
 
     # ------------------------------------------------------------------ weights
 
     def apply_delta(self, delta: dict[str, torch.Tensor], config: EditConfig) -> None:
         """Put an edit's fine-tuned weights in place: LoRA weights, or base + delta for a full fine-tune."""
+        self._apply_unet_delta(delta, config)
+
+    def _apply_unet_delta(self, delta: dict[str, torch.Tensor], config: EditConfig) -> None:
         self._unet_modified = True
         with torch.no_grad():
             if config.finetune_method == "lora":
@@ -540,7 +605,7 @@ class Editor:
 
     def _vae_autocast(self, config: EditConfig):
         # SDXL's VAE overflows in half precision (its config says `force_upcast`): it runs in fp32.
-        return contextlib.nullcontext() if self.vae.config.get("force_upcast") else self._autocast(config)
+        return contextlib.nullcontext() if self.vae and self.vae.config.get("force_upcast") else self._autocast(config)
 
     def _precision(self, config: EditConfig) -> str:
         """`auto`: bf16 on CUDA (the fast path), fp32 elsewhere."""
@@ -576,6 +641,27 @@ def failure_reason(error: BaseException) -> tuple[str, str]:
                                  "or train_batch_size, or set finetune_method=lora, mixed_precision=bf16, "
                                  "gradient_checkpointing=true")
     return "engine_error", f"{type(error).__name__}: {error}"
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image → pixels in [-1, 1], shape (1, 3, H, W)."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3)
+    return pixels.permute(2, 0, 1).unsqueeze(0)
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """Pixels in [-1, 1], shape (n, 3, H, W) → RGB images."""
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def finetune_bytes(unet: torch.nn.Module, config: EditConfig) -> int:
+    """fp32 weights, gradients, the base snapshot and Adam's two moments (fp32, or 1 byte each in 8-bit)."""
+    return sum(p.numel() for p in unet.parameters()) * (4 + 4 + 4 + (2 if config.use_8bit_adam else 8))
 
 
 def interpolate(e_tgt: torch.Tensor, e_opt: torch.Tensor, eta: float) -> torch.Tensor:

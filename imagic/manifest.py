@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from imagic.config import (DEFAULT_ETAS, DEFAULT_PRESET, DEFAULT_SEEDS, GRID_MESSAGES, PRESETS, EditConfig, Etas,
-                           Seeds, make_config)
+                           Family, Seeds, make_config, model_family)
 from imagic.layout import attempt_folder
 from imagic.settings import Settings
 from imagic.storage import DEFAULT_TIMEOUT_S, read_uri, redact_uri
@@ -150,10 +150,11 @@ class Rejected(BaseModel):
 
 
 def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
-                      default_preset: str = DEFAULT_PRESET,
-                      settings: Settings | None = None) -> tuple[list[Entry], list[Rejected], list[str]]:
-    """(valid entries, rejected entries, file-level problems). `preset`/`overrides` beat the file's own;
-    `settings` (default: from the environment) bound what one entry may cost."""
+                      default_preset: str = DEFAULT_PRESET, settings: Settings | None = None,
+                      model: str | None = None) -> tuple[list[Entry], list[Rejected], list[str]]:
+    """(valid entries, rejected entries, file-level problems). `preset`/`overrides`/`model` beat the file's
+    own (the model decides which family's presets apply); `settings` (default: from the environment) bound
+    what one entry may cost."""
     settings = settings or Settings.from_env()
     file_problems: list[str] = []
     line_problems: dict[int, list[str]] = {}
@@ -180,7 +181,8 @@ def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, over
     seen: dict[str, int] = {}
     for line, data in rows:
         raw[line] = data if isinstance(data, dict) else {}
-        result = _resolve(line, data, defaults, preset, overrides, default_preset, settings)
+        result = _resolve(line, data, defaults, preset, overrides, default_preset, settings,
+                          model_family(model or defaults.model))
         if isinstance(result, list):
             line_problems[line] = result
         elif result.id in seen:
@@ -224,10 +226,10 @@ def runnable(entries: list[Entry], rejected: list[Rejected], file_problems: list
 
 
 def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrides: dict | None = None,
-                   default_preset: str = DEFAULT_PRESET) -> list[Entry]:
+                   default_preset: str = DEFAULT_PRESET, model: str | None = None) -> list[Entry]:
     """Validate a whole manifest strictly: any problem raises ManifestError listing all of them."""
     entries, rejected, file_problems = validate_manifest(text, fmt, preset=preset, overrides=overrides,
-                                                         default_preset=default_preset)
+                                                         default_preset=default_preset, model=model)
     problems = file_problems + [p for r in rejected for p in r.problems]
     if problems:
         raise ManifestError(problems)
@@ -235,18 +237,18 @@ def parse_manifest(text: str, fmt: Format, *, preset: str | None = None, overrid
 
 
 def single_entry(image: str, target_text: str, *, etas=None, seeds=None, preset: str = DEFAULT_PRESET,
-                 overrides: dict | None = None, entry_id: str | None = None) -> Entry:
+                 overrides: dict | None = None, entry_id: str | None = None, model: str | None = None) -> Entry:
     """One entry from command-line arguments, validated by the same rules as a manifest line."""
     data = {"image": image, "target_text": target_text, "preset": preset, "overrides": overrides or {}}
     data.update({k: v for k, v in (("etas", etas), ("seeds", seeds), ("id", entry_id)) if v is not None})
-    result = _resolve(1, data, Defaults(), None, None, preset, Settings.from_env())
+    result = _resolve(1, data, Defaults(), None, None, preset, Settings.from_env(), model_family(model))
     if isinstance(result, list):
         raise ManifestError([problem.removeprefix("line 1: ") for problem in result])
     return result
 
 
 def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_preset,
-             settings: Settings) -> Entry | list[str]:
+             settings: Settings, family: Family = "single") -> Entry | list[str]:
     """One row → an Entry, or its problems."""
     try:
         spec = EntrySpec(**data)
@@ -256,7 +258,7 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
         return [f"line {line}: must be an object with image and target_text"]
     chosen_preset = preset or spec.preset or defaults.preset or default_preset
     try:
-        config = make_config(chosen_preset, **{**defaults.overrides, **spec.overrides, **(overrides or {})})
+        config = make_config(chosen_preset, family, **{**defaults.overrides, **spec.overrides, **(overrides or {})})
     except ValidationError as err:
         return _messages(err, f"line {line}: overrides")
     except ValueError as err:

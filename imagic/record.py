@@ -60,6 +60,7 @@ def edit_record(
         "model": model,
         "model_sha256": model_sha256,
         "preset": preset,
+        "stages": result.stages,
         "config": result.config.model_dump(mode="json"),
         "etas": result.etas,
         "seeds": result.seeds,

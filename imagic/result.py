@@ -45,6 +45,7 @@ class EditResult:
     reconstruction_fidelity: float | None = None  # fidelity of the η=0 render to the input
     selection: Selection | None = None
     input_transform: dict = field(default_factory=dict)  # what was done to the input (imagic.images.fit_image)
+    stages: list[dict] = field(default_factory=list)  # each model of the edit: its input size, what it trained on
 
     @property
     def etas(self) -> list[float]:
@@ -60,6 +61,7 @@ class EditResult:
             "target_text": self.target_text,
             "config": self.config.model_dump(mode="json"),
             "input_transform": self.input_transform,
+            "stages": self.stages,
             "etas": self.etas,
             "seeds": self.seeds,
             "images": {image_name(eta, seed): {"eta": eta, "seed": seed} for eta, seed in self.images},
@@ -127,6 +129,7 @@ class EditResult:
             reconstruction_fidelity=summary.get("reconstruction_fidelity"),
             selection=Selection(**summary["selection"]) if summary.get("selection") else None,
             input_transform=summary.get("input_transform", {}),
+            stages=summary.get("stages", []),
         )
 
 

@@ -49,7 +49,9 @@ class Settings(BaseModel):
         checks = [
             ("embedding_steps", config.embedding_steps, self.max_steps, "max_steps"),
             ("finetune_steps", config.finetune_steps, self.max_steps, "max_steps"),
+            ("sr_finetune_steps", config.sr_finetune_steps or 0, self.max_steps, "max_steps"),
             ("num_inference_steps", config.num_inference_steps, self.max_inference_steps, "max_inference_steps"),
+            ("sr_num_inference_steps", config.sr_num_inference_steps, self.max_inference_steps, "max_inference_steps"),
             ("train_batch_size", config.train_batch_size, self.max_batch_size, "max_batch_size"),
             ("render_batch_size", config.render_batch_size, self.max_batch_size, "max_batch_size"),
             ("etas × seeds", len(etas) * len(seeds), self.max_images, "max_images"),

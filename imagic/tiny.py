@@ -1,7 +1,7 @@
-"""A tiny, randomly initialised Stable Diffusion pipeline built in code.
+"""Tiny, randomly initialised pipelines built in code: Stable Diffusion, SDXL and a DeepFloyd IF cascade.
 
-Same classes and directory layout as a real SD checkpoint, so it exercises the real load and edit path
-offline in seconds. Its images are noise-like: it tests plumbing, not quality.
+Same classes and directory layout as real checkpoints, so they exercise the real load and edit path
+offline in seconds. Their images are noise-like: they test plumbing, not quality.
 """
 
 from __future__ import annotations
@@ -11,13 +11,20 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, IFPipeline,
+                       IFSuperResolutionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel)
+
+from imagic.config import CASCADE_BUILTINS
 
 NAME = "tiny"
 XL_NAME = "tiny-xl"
+IF_NAME, = CASCADE_BUILTINS
+# A cascade is two diffusers directories; its built-in name resolves to both (imagic/models.py).
+CASCADE_FOLDERS = ("base", "super_resolution")
 VERSION = 2  # bump when the architecture below changes, so caches rebuild
 MAX_TOKENS = 32
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -116,13 +123,70 @@ def build_tiny_xl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
-BUILDERS = {NAME: build_tiny_pipeline, XL_NAME: build_tiny_xl_pipeline}
+# DeepFloyd IF's noise schedule (its scheduler_config.json): cosine betas, ε with a learned variance range,
+# dynamic thresholding of x0 at 1.5.
+IF_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001, beta_end=0.02,
+                    prediction_type="epsilon", variance_type="learned_range", thresholding=True,
+                    dynamic_thresholding_ratio=0.95, sample_max_value=1.5, clip_sample=True)
+
+
+def if_unet(sample_size: int, in_channels: int, text_width: int, super_resolution: bool = False,
+            block_out_channels=(32, 64)) -> UNet2DConditionModel:
+    """An IF-shaped UNet: pixels in, ε and a variance out (2× channels), T5 states projected in
+    (`encoder_hid_dim`) and attention-pooled into the time embedding; the SR one also takes the
+    augmentation noise level as a class label."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=in_channels, out_channels=6, layers_per_block=1,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        cross_attention_dim=block_out_channels[0], encoder_hid_dim=text_width, attention_head_dim=8,
+        addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8,
+        **(dict(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu")
+           if super_resolution else {}),
+    )
+
+
+def build_tiny_if_pipelines(seed: int = 0) -> tuple[IFPipeline, IFSuperResolutionPipeline]:
+    """A tiny DeepFloyd-IF-shaped cascade: a 16×16 pixel base model with a 2-layer T5 encoder, and a
+    16→32 super-resolution model that shares the encoder (as IF-II does: it is loaded without one)."""
+    torch.manual_seed(seed)
+    tokenizer = make_clip_tokenizer()  # byte-level: any text (a T5 sentencepiece model needs a file)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                           num_heads=4, pad_token_id=tokenizer.pad_token_id))
+    base = IFPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, unet=if_unet(16, 3, 32), scheduler=DDPMScheduler(**IF_SCHEDULER),
+        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
+    )
+    super_resolution = IFSuperResolutionPipeline(
+        tokenizer=None, text_encoder=None, unet=if_unet(32, 6, 32, super_resolution=True),
+        scheduler=DDPMScheduler(**IF_SCHEDULER),
+        image_noising_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"),
+        safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False,
+    )
+    return base, super_resolution
+
+
+class _Cascade:
+    """Saves a cascade as `base/` and `super_resolution/` beside each other."""
+
+    def __init__(self, seed: int = 0):
+        self.stages = build_tiny_if_pipelines(seed)
+
+    def save_pretrained(self, directory, safe_serialization: bool = True) -> None:
+        for folder, pipeline in zip(CASCADE_FOLDERS, self.stages):
+            pipeline.save_pretrained(Path(directory) / folder, safe_serialization=safe_serialization)
+
+
+BUILDERS = {NAME: build_tiny_pipeline, XL_NAME: build_tiny_xl_pipeline, IF_NAME: _Cascade}
 
 
 def ensure_tiny_model(directory: Path, name: str = NAME) -> Path:
     """Build and save the tiny pipeline `name` under `directory` once; later calls reuse it."""
     directory = directory.with_name(f"{directory.name}-v{VERSION}")
-    if (directory / "model_index.json").is_file():
+    if _complete(directory, name):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a crash never leaves a half-written model that looks done.
@@ -131,8 +195,13 @@ def ensure_tiny_model(directory: Path, name: str = NAME) -> Path:
         BUILDERS[name]().save_pretrained(staging, safe_serialization=True)
         staging.rename(directory)
     except OSError:
-        if not (directory / "model_index.json").is_file():  # not a lost race with another process
+        if not _complete(directory, name):  # not a lost race with another process
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _complete(directory: Path, name: str) -> bool:
+    folders = CASCADE_FOLDERS if name == IF_NAME else ("",)
+    return all((directory / folder / "model_index.json").is_file() for folder in folders)

@@ -38,6 +38,12 @@ def xl_editor():
     return Editor(load_pipeline("tiny-xl"))
 
 
+@pytest.fixture(scope="session")
+def cascade_editor():
+    """A tiny DeepFloyd-IF-shaped cascade (16 px pixel-space base with a T5 encoder, 16→32 SR), built in code."""
+    return Editor.from_pretrained("tiny-if")
+
+
 @pytest.fixture(params=["sd", "xl"])
 def family_editor(request):
     """The engine tests that must hold for every supported pipeline: SD 1.x/2.x and SDXL."""

@@ -188,3 +188,16 @@ def test_a_stopped_run_leaves_no_process_behind(tmp_path, tiny_dir, signum):
     run.wait(timeout=60)
     gone, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_edit_on_a_cascade_uses_the_cascade_presets(input_file, tmp_path):
+    """`--model base+super_resolution` (here the built-in tiny-if) picks the cascade's recipe for the preset."""
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["edit", str(input_file), "--target", "a blue circle", "--eta", "1.0", "--model",
+                                 "tiny-if", "--preset", "fast", "--out", str(out), "--device", "cpu", *QUICK_ARGS,
+                                 "--set", "sr_num_inference_steps=2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "record.json").read_text())
+    assert "add_k_proj" in record["config"]["lora_target_modules"]
+    assert record["stages"][1]["name"] == "super_resolution" and len(record["losses"]["finetune_sr"]) == 2
+    assert Image.open(out / "eta-1.00_seed-0.png").size == (32, 32)

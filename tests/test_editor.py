@@ -288,8 +288,11 @@ def test_the_fast_path_leaves_cpu_numbers_as_they_were(editor, scene, quick_conf
 def test_the_memory_a_full_finetune_needs_is_explicit(editor, quick_config):
     """On CUDA a full fine-tune that cannot fit is refused before it starts (SDXL: LoRA, or 8-bit Adam)."""
     parameters = sum(p.numel() for p in editor.unet.parameters())
-    assert editor.full_finetune_bytes(quick_config("paper")) == 20 * parameters
-    assert editor.full_finetune_bytes(quick_config("paper", use_8bit_adam=True)) == 14 * parameters
+    full, eight_bit = editor.memory_needs(quick_config("paper")), editor.memory_needs(quick_config("paper", use_8bit_adam=True))
+    assert full["unet weights"] + full["unet training"] == 20 * parameters
+    assert eight_bit["unet weights"] + eight_bit["unet training"] == 14 * parameters
+    assert editor.memory_needs(quick_config("fast"))["unet training"] == 0
+    assert full["frozen models"] == 4 * sum(p.numel() for m in (editor.vae, editor.text_encoder) for p in m.parameters())
     sdxl_unet_parameters = 2_567_463_684
     assert 45e9 < 20 * sdxl_unet_parameters < 55e9  # the figure the docs give
 
