@@ -1,9 +1,11 @@
-"""Imagic at real model sizes: SD 1.5, SD 2.1-768 and SDXL shapes with random weights (no hub), at native
-resolution, each preset with the CUDA fast path on and off, side by side in one process.
+"""Imagic at real model sizes: SD 1.5, SD 2.1-768, SDXL and DeepFloyd IF (cascade) shapes with random weights
+(no hub), at native resolution, each preset with the CUDA fast path on and off, side by side in one process.
 
     python benchmarks/gpu.py                                   # on a GPU: every architecture, paper + anchored
     python benchmarks/gpu.py --arch sd15 --presets paper --step-fraction 0.1      # a tenth of the steps
     python benchmarks/gpu.py --device cpu --scale 8 --step-fraction 0.02          # scaled down: proves it runs
+    python benchmarks/gpu.py --arch if --presets anchored,paper     # IF-I-XL + SR: a full fine-tune is refused
+                                                                    # on 80 GB (the memory check says why)
 
 Prints seconds per stage and per step, peak memory per stage, and MFU: model FLOPs per training step
 (forward counted by `torch.utils.flop_counter` on one step's batch; a training step is counted as 3×
@@ -32,6 +34,8 @@ def scaled(config: dict, factor: int) -> dict:
     if factor == 1:
         return config
     c = copy.deepcopy(config)
+    if c["pipeline"] == "Cascade":
+        return _scaled_cascade(c, factor)
     unet = c["unet"]
     unet["block_out_channels"] = [ch // factor for ch in unet["block_out_channels"]]
     unet["norm_num_groups"] = 8
@@ -55,6 +59,43 @@ def scaled(config: dict, factor: int) -> dict:
                         projection_dim=text["projection_dim"] // factor,
                         num_hidden_layers=max(2, text["num_hidden_layers"] // 6))
     return c
+
+
+def _scaled_cascade(c: dict, factor: int) -> dict:
+    text = c["text_encoder"]
+    text.update(d_model=text["d_model"] // factor, d_ff=text["d_ff"] // factor, d_kv=8, num_heads=4,
+                num_layers=max(2, text["num_layers"] // 6))
+    for name, side in (("unet", 8), ("super_resolution_unet", 32)):
+        unet = c[name]
+        unet.update(block_out_channels=[ch // factor for ch in unet["block_out_channels"]], norm_num_groups=4,
+                    sample_size=side, cross_attention_dim=unet["cross_attention_dim"] // factor,
+                    encoder_hid_dim=text["d_model"], attention_head_dim=8, addition_embed_type_num_heads=2)
+    return c
+
+
+def build_cascade(config: dict, device: str):
+    """IF-shaped base and SR pipelines, randomly initialised on `device` (10 B parameters: no CPU round trip)."""
+    import torch
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel
+
+    from imagic.models import Cascade
+    from imagic.tiny import make_clip_tokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        text_encoder = T5EncoderModel(T5Config(**config["text_encoder"]))
+        unet, sr_unet = UNet2DConditionModel(**config["unet"]), UNet2DConditionModel(**config["super_resolution_unet"])
+    if device.startswith("cuda"):
+        text_encoder.to(torch.bfloat16)  # as imagic.models.load_pipeline loads IF's T5 on CUDA
+    scheduler = {k: v for k, v in config["scheduler"].items() if k != "_class_name"}
+    sr_scheduler = {k: v for k, v in config["super_resolution_scheduler"].items() if k != "_class_name"}
+    none = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    base = IFPipeline(tokenizer=make_clip_tokenizer(model_max_length=77), text_encoder=text_encoder, unet=unet,
+                      scheduler=DDPMScheduler(**scheduler), **none)
+    sr = IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=sr_unet, scheduler=DDPMScheduler(**sr_scheduler),
+                                   image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), **none)
+    return Cascade(base, sr)
 
 
 def build_pipeline(config: dict):
@@ -113,14 +154,31 @@ def run(arch: str, preset: str, fast_path: bool, args) -> dict:
 
     from imagic import Editor, make_config
 
+    from imagic.cascade import CascadeEditor
+
     config_data = scaled(json.loads((ARCHITECTURES / f"{arch}.json").read_text()), args.scale)
-    pipeline = build_pipeline(config_data).to(args.device)
-    editor = Editor(pipeline)
-    defaults = make_config(preset)
-    steps = {key: max(1, round(getattr(defaults, key) * args.step_fraction))
-             for key in ("embedding_steps", "finetune_steps")}
-    config = make_config(preset, **steps, num_inference_steps=args.inference_steps, save_full_delta=False,
+    family = "cascade" if config_data["pipeline"] == "Cascade" else "single"
+    if family == "cascade":
+        pipeline = build_cascade(config_data, args.device)
+        editor = CascadeEditor(pipeline)
+    else:
+        pipeline = build_pipeline(config_data).to(args.device)
+        editor = Editor(pipeline)
+    defaults = make_config(preset, family)
+    trained = ("embedding_steps", "finetune_steps") + (("sr_finetune_steps",) if family == "cascade" else ())
+    steps = {key: max(1, round((getattr(defaults, key) or defaults.finetune_steps) * args.step_fraction))
+             for key in trained}
+    config = make_config(preset, family, **steps, num_inference_steps=args.inference_steps, save_full_delta=False,
+                         **({"sr_num_inference_steps": args.inference_steps} if family == "cascade" else {}),
                          **({} if fast_path else FAST_PATH_OFF))
+    needs = {k: round(v / 2**30, 1) for k, v in editor.memory_needs(config).items()}
+    row = {"arch": arch, "scale": args.scale, "preset": preset, "fast_path": fast_path, "resolution": editor.resolution,
+           "finetune": config.finetune_method, "steps": steps, "memory_needs_gb": needs}
+    try:
+        editor.check_inputs(config, args.etas, [0])
+    except ValueError as err:  # e.g. a full fine-tune of IF-I-XL on an 80 GB GPU: refused, and why
+        del editor, pipeline
+        return {**row, "refused": str(err)}
     image = Image.new("RGB", (editor.resolution, editor.resolution), (235, 235, 235))
     ImageDraw.Draw(image).ellipse([editor.resolution // 4, editor.resolution // 4, 3 * editor.resolution // 4,
                                    3 * editor.resolution // 4], fill=(200, 30, 30))
@@ -134,6 +192,8 @@ def run(arch: str, preset: str, fast_path: bool, args) -> dict:
     seconds = result.seconds
     per_step = {"embedding": seconds["embedding"] / config.embedding_steps,
                 "finetune": seconds["finetune"] / config.finetune_steps}
+    if "finetune_sr" in seconds:
+        per_step["finetune_sr"] = seconds["finetune_sr"] / config.sr_finetune_steps
     peak = peak_flops(args.device, args.peak_tflops)
     achieved = {stage: factor * fwd / per_step[stage]
                 for stage, factor in (("embedding", 2), ("finetune", train_factor))}
@@ -141,14 +201,15 @@ def run(arch: str, preset: str, fast_path: bool, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
-        "arch": arch, "scale": args.scale, "preset": preset, "fast_path": fast_path, "resolution": image.width,
-        "finetune": config.finetune_method, "steps": steps, "wall_s": wall, "seconds": seconds,
+        **row, "wall_s": wall, "seconds": seconds,
         "ms_per_step": {k: 1000 * v for k, v in per_step.items()},
         "peak_memory_gb": {k: v / 2**30 for k, v in result.peak_memory_bytes.items()},
         "unet_forward_gflops": fwd / 1e9, "achieved_tflops": {k: v / 1e12 for k, v in achieved.items()},
         "mfu": {k: (v / peak if peak else None) for k, v in achieved.items()},
         "full_recipe_estimate_s": (seconds["embedding"] / config.embedding_steps * defaults.embedding_steps
                                    + seconds["finetune"] / config.finetune_steps * defaults.finetune_steps
+                                   + per_step.get("finetune_sr", 0.0) * (defaults.sr_finetune_steps
+                                                                          or defaults.finetune_steps)
                                    + seconds["render"] + seconds.get("score", 0.0) + seconds["encode"]),
     }
 
@@ -157,13 +218,18 @@ def table(rows: list[dict]) -> str:
     lines = ["| arch | preset | fast path | px | ms/step emb · ft | s: encode · emb · ft · render · score | "
              "peak GB (ft) | TFLOP/s ft | MFU ft | full recipe est. s |", "|" + "---|" * 10]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['arch']} | {r['preset']} ({r['finetune']}) | {'on' if r['fast_path'] else 'off'} "
+                         f"| {r['resolution']} | refused: {r['refused']} |||||| ")
+            continue
         s, ms = r["seconds"], r["ms_per_step"]
         mfu = r["mfu"]["finetune"]
         arch = r["arch"] if r["scale"] == 1 else f"{r['arch']} /{r['scale']}"
         lines.append(
             f"| {arch} "
             f"| {r['preset']} ({r['finetune']}) | {'on' if r['fast_path'] else 'off'} | {r['resolution']} "
-            f"| {ms['embedding']:.1f} · {ms['finetune']:.1f} "
+            f"| {ms['embedding']:.1f} · {ms['finetune']:.1f}"
+            + (f" (SR {ms['finetune_sr']:.1f})" if "finetune_sr" in ms else "") + " "
             f"| {s['encode']:.2f} · {s['embedding']:.2f} · {s['finetune']:.2f} · {s['render']:.2f} · {s.get('score', 0):.2f} "
             f"| {r['peak_memory_gb'].get('finetune', 0):.2f} | {r['achieved_tflops']['finetune']:.2f} "
             f"| {'n/a' if mfu is None else f'{mfu:.1%}'} | {r['full_recipe_estimate_s']:.0f} |")
@@ -172,7 +238,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", action="append", help="sd15, sd21-768, sdxl (repeatable; default: all)")
+    parser.add_argument("--arch", action="append", help="sd15, sd21-768, sdxl, if (repeatable; default: all)")
     parser.add_argument("--presets", default="paper,anchored")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--scale", type=int, default=1, help="architectures N× smaller (CPU proof runs)")
