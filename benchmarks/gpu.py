@@ -177,7 +177,6 @@ def run(arch: str, preset: str, fast_path: bool, args) -> dict:
     try:
         editor.check_inputs(config, args.etas, [0])
     except ValueError as err:  # e.g. a full fine-tune of IF-I-XL on an 80 GB GPU: refused, and why
-        del editor, pipeline
         return {**row, "refused": str(err)}
     image = Image.new("RGB", (editor.resolution, editor.resolution), (235, 235, 235))
     ImageDraw.Draw(image).ellipse([editor.resolution // 4, editor.resolution // 4, 3 * editor.resolution // 4,

@@ -77,12 +77,12 @@ _editor = None
 def _init_worker(model: str, threads: int) -> None:
     import torch
 
-    from imagic import Editor, load_pipeline
+    from imagic import Editor
 
     global _editor
     if threads:
         torch.set_num_threads(threads)
-    _editor = Editor(load_pipeline(model))
+    _editor = Editor.from_pretrained(model)
 
 
 def run_case(args: tuple[str, dict, dict, list[float], list[int], str | None]) -> dict:
@@ -230,10 +230,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from imagic import make_config
+    from imagic.config import model_family
 
     presets = args.preset or ["anchored"]
     overrides = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.set)}
-    configs = {p: make_config(p, **overrides) for p in presets}
+    configs = {p: make_config(p, model_family(args.model), **overrides) for p in presets}
     etas = [float(e) for e in args.etas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     name = args.name or f"toy_edits_{args.split}"

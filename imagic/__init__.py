@@ -15,7 +15,8 @@ _EXPORTS = {
     "PRESETS": "imagic.config", "EditConfig": "imagic.config", "make_config": "imagic.config",
     "Editor": "imagic.editor", "EditResult": "imagic.result", "ImageError": "imagic.images",
     "fit_image": "imagic.images", "load_image": "imagic.images", "ModelError": "imagic.model_store",
-    "load_pipeline": "imagic.models",
+    "load_pipeline": "imagic.models", "Cascade": "imagic.models", "CascadeEditor": "imagic.cascade",
+    "CASCADE_PRESETS": "imagic.config",
 }
 __all__ = list(_EXPORTS)
 

@@ -222,7 +222,7 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
         item["uri"] = store.url_for(key(item["file"]))
     if record["selection"] and record["selection"]["verdict"] == "selected":
         record["selection"]["uri"] = store.url_for(key(record["selection"]["file"]))
-    if model == "toy":
+    if model in ("toy", "toy-if"):
         record["toy_metrics"] = toy_metrics(entry.target_text, result.images)
     # … the record last, and only once: a concurrent or repeated run never overwrites a finished entry.
     if not store.write_bytes(key(RECORD_FILE), _json(record), if_absent=True):

@@ -177,7 +177,7 @@ DEFAULT_PRESET = "anchored"
 Family = Literal["single", "cascade"]
 PRESETS_BY_FAMILY: dict[str, dict[str, dict[str, Any]]] = {"single": PRESETS, "cascade": CASCADE_PRESETS}
 CASCADE_SEPARATOR = "+"  # `base+super_resolution`
-CASCADE_BUILTINS = ("tiny-if",)
+CASCADE_BUILTINS = ("tiny-if", "toy-if")  # imagic/tiny.py, imagic/toy/train_cascade.py
 
 
 def model_family(model: str | None) -> Family:

@@ -32,6 +32,8 @@ REQUIRED_COMPONENTS = {
     "IFSuperResolutionPipeline": ("unet", "scheduler", "image_noising_scheduler"),
 }
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# The trained toy models shipped in the package: folder, its pipelines' subfolders, training script.
+TOY_MODELS = {"toy": ("model", ("",), "train"), "toy-if": ("cascade", ("base", "super_resolution"), "train_cascade")}
 NOT_LOADED = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
@@ -66,12 +68,13 @@ def resolve_model(model: str) -> str:
         return CASCADE_SEPARATOR.join(resolve_model(part) for part in model.split(CASCADE_SEPARATOR))
     if model.startswith("s3://"):
         return local_model(model)
-    if model == "toy":
-        directory = Path(__file__).parent / "toy" / "model"
-        if not (directory / "model_index.json").is_file():
-            raise ModelError(f"the toy model is not in this installation ({directory}); "
-                             "train it with: python -m imagic.toy.train")
-        return str(directory)
+    if model in TOY_MODELS:
+        folder, folders, script = TOY_MODELS[model]
+        directory = Path(__file__).parent / "toy" / folder
+        if not all((directory / part / "model_index.json").is_file() for part in folders):
+            raise ModelError(f"the {model} model is not in this installation ({directory}); "
+                             f"train it with: python -m imagic.toy.{script}")
+        return CASCADE_SEPARATOR.join(str(directory / part) for part in folders)
     if model in tiny.BUILDERS:
         directory = tiny.ensure_tiny_model(cache_dir() / "models" / model, model)
         if model == tiny.IF_NAME:

@@ -18,11 +18,9 @@ from tokenizers import pre_tokenizers
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel)
 
-from imagic.config import CASCADE_BUILTINS
-
 NAME = "tiny"
 XL_NAME = "tiny-xl"
-IF_NAME, = CASCADE_BUILTINS
+IF_NAME = "tiny-if"
 # A cascade is two diffusers directories; its built-in name resolves to both (imagic/models.py).
 CASCADE_FOLDERS = ("base", "super_resolution")
 VERSION = 2  # bump when the architecture below changes, so caches rebuild
