@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -201,3 +202,9 @@ def test_edit_on_a_cascade_uses_the_cascade_presets(input_file, tmp_path):
     assert "add_k_proj" in record["config"]["lora_target_modules"]
     assert record["stages"][1]["name"] == "super_resolution" and len(record["losses"]["finetune_sr"]) == 2
     assert Image.open(out / "eta-1.00_seed-0.png").size == (32, 32)
+    original = (out / "eta-1.00_seed-0.png").read_bytes()
+    (out / "eta-1.00_seed-0.png").unlink()
+    # `render` reloads the cascade from the record and both models' weights from the delta: the same image.
+    result = runner.invoke(app, ["render", str(out), "--eta", "1.0", "--seed", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out / "eta-1.00_seed-0.png").tobytes() == Image.open(io.BytesIO(original)).tobytes()

@@ -170,3 +170,22 @@ def test_the_run_ends_failed_above_the_failure_fraction(failed, threshold, ends)
     assert state.message.startswith(f"{4 - failed} succeeded, {failed} failed, 0 skipped")
     if ends == "Failed":
         assert f"{failed} of 4 entries failed" in state.message and f"max_failure_fraction {threshold:g}" in state.message
+
+
+def test_a_batch_on_a_cascade_takes_the_cascade_recipe_and_resumes(prefect, tmp_path):
+    """The manifest names a cascade (the built-in tiny-if): its entries get the cascade's preset, records say
+    what each stage did, and a re-run skips what is done, as for any model."""
+    from flows.bulk_edit import bulk_edit
+
+    draw_scene(size=32).save(tmp_path / "a.png")
+    few = {**QUICK, "sr_finetune_steps": 2, "sr_num_inference_steps": 2}
+    rows = [{"defaults": {"etas": [1.0], "overrides": few, "model": "tiny-if"}},
+            {"id": "a", "image": str(tmp_path / "a.png"), "target_text": "a blue circle"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert bulk_edit(str(manifest), str(out), return_state=True).message.startswith("1 succeeded")
+    record = json.loads((out / "a" / "record.json").read_text())
+    assert record["model"] == "tiny-if" and "add_k_proj" in record["config"]["lora_target_modules"]
+    assert [stage["finetuned_on"] for stage in record["stages"]] == ["e_opt", "e_tgt"]
+    assert bulk_edit(str(manifest), str(out), return_state=True).message.startswith("0 succeeded, 0 failed, 1 skipped")

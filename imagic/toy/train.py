@@ -233,18 +233,22 @@ def evaluate(model: str | Path, cfg, family: str = "single") -> dict:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainConfig()
+def command_line(config_class, description: str, default_out: Path):
+    """(config, args) from the command line: one option per config field, and --out, --threads."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = config_class()
     for field, value in asdict(defaults).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the pipeline is saved")
+    parser.add_argument("--out", type=Path, default=default_out, help="where the model is saved")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
     if args.threads:
         torch.set_num_threads(args.threads)
+    return config_class(**{k: getattr(args, k) for k in asdict(defaults)}), args
 
+
+def main() -> None:
+    cfg, args = command_line(TrainConfig, __doc__, DEFAULT_OUT)
     started = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     tokenizer, text_encoder, vae, unet, scheduler = build_components(cfg.seed)
@@ -271,17 +275,20 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline.save_pretrained(args.out, safe_serialization=True)
     quality = evaluate(args.out, cfg)
-    info = {
-        "config": asdict(cfg), "parameters": counts, "held_out_captions": [list(c) for c in HELD_OUT],
-        "seconds": {"vae": vae_seconds, "total_training": train_seconds}, "threads": torch.get_num_threads(),
-        "vae_round_trip": vae_quality, "quality": quality,
-    }
-    (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    save_training_record(args.out, cfg, log, started, parameters=counts, vae_round_trip=vae_quality,
+                         quality=quality, seconds={"vae": vae_seconds, "total_training": train_seconds})
+
+
+def save_training_record(out: Path, cfg, log: dict[str, list[float]], started: float, **info) -> None:
+    """training.json (config, held-out captions, threads and `info`) and loss_curve.json beside the model."""
+    info = {"config": asdict(cfg), "held_out_captions": [list(c) for c in HELD_OUT],
+            "threads": torch.get_num_threads(), **info}
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     # Loss curve, averaged per log interval to stay small.
     every = cfg.log_every
     curve = {key: [float(np.mean(v[i:i + every])) for i in range(0, len(v), every)] for key, v in log.items()}
-    (args.out / "loss_curve.json").write_text(json.dumps({"every": every, **curve}) + "\n")
-    print(f"saved to {args.out} in {time.perf_counter() - started:.0f}s", flush=True)
+    (out / "loss_curve.json").write_text(json.dumps({"every": every, **curve}) + "\n")
+    print(f"saved to {out} in {time.perf_counter() - started:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

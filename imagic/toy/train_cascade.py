@@ -14,11 +14,9 @@ two can be compared on the same benchmark (`benchmarks/toy_edits.py --model toy-
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
 from transformers import T5Config, T5EncoderModel
 
 from imagic.tiny import CASCADE_FOLDERS, IF_SCHEDULER, if_unet, make_clip_tokenizer
-from imagic.toy.train import HELD_OUT, MAX_TOKENS, VOCABULARY, evaluate, training_batch
+from imagic.toy.train import MAX_TOKENS, VOCABULARY, command_line, evaluate, save_training_record, training_batch
 
 DEFAULT_OUT = Path(__file__).parent / "cascade"
 MAX_AUGMENTATION = 500  # SR training draws its low-res noise level from [0, this); renders use 250
@@ -98,17 +96,7 @@ def train(name: str, unet, trained: list[torch.nn.Module], steps: int, batch_siz
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = CascadeTrainConfig()
-    for field, value in asdict(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where base/ and super_resolution/ go")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    cfg = CascadeTrainConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    cfg, args = command_line(CascadeTrainConfig, __doc__, DEFAULT_OUT)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng, generator = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed + 2)
@@ -168,14 +156,8 @@ def main() -> None:
         pipeline.save_pretrained(args.out / folder, safe_serialization=True)
     model = "+".join(str(args.out / folder) for folder in CASCADE_FOLDERS)
     quality = evaluate(model, cfg, family="cascade")
-    info = {"config": asdict(cfg), "parameters": counts, "held_out_captions": [list(c) for c in HELD_OUT],
-            "seconds": {"base": base_seconds, "total_training": train_seconds}, "threads": torch.get_num_threads(),
-            "quality": quality}
-    (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    every = cfg.log_every
-    curve = {key: [float(np.mean(v[i:i + every])) for i in range(0, len(v), every)] for key, v in log.items()}
-    (args.out / "loss_curve.json").write_text(json.dumps({"every": every, **curve}) + "\n")
-    print(f"saved to {args.out} in {time.perf_counter() - started:.0f}s", flush=True)
+    save_training_record(args.out, cfg, log, started, parameters=counts, quality=quality,
+                         seconds={"base": base_seconds, "total_training": train_seconds})
 
 
 if __name__ == "__main__":
