@@ -21,7 +21,7 @@ from diffusers import DDIMScheduler, IFSuperResolutionPipeline
 from PIL import Image
 
 from imagic.config import EditConfig
-from imagic.editor import Editor, to_images, to_tensor
+from imagic.editor import Editor, ddim_step, to_images, to_tensor
 from imagic.models import Cascade, scheduler_config
 
 SR_PREFIX = "super_resolution."  # the SR model's weights in an edit's delta file
@@ -75,12 +75,17 @@ class SuperResolution(Editor):
         self.augmentation = torch.cat(augmentations).to(self.device)
         scheduler = DDIMScheduler.from_config(scheduler_config(self.scheduler))
         scheduler.set_timesteps(config.sr_num_inference_steps, device=self.device)
-        x = torch.cat(starts).to(self.device) * scheduler.init_noise_sigma
+        timesteps, noise = scheduler.timesteps, torch.cat(starts).to(self.device)
+        if config.sr_strength < 1:  # the last share of the trajectory, from the upsampled render noised to its start
+            timesteps = timesteps[len(timesteps) - max(1, round(config.sr_strength * len(timesteps))):]
+            x = scheduler.add_noise(self.low_res, noise, timesteps[:1])
+        else:
+            x = noise * scheduler.init_noise_sigma
         guidance = config.model_copy(update={"guidance_scale": config.sr_guidance_scale,
                                              "unconditional_model": "finetuned"})
-        for t in scheduler.timesteps:
+        for t in timesteps:
             guided = self._guided_prediction(x, t, e_tgt.expand(n, -1, -1), uncond.expand(n, -1, -1), guidance)
-            x = scheduler.step(guided, t, x).prev_sample
+            x = ddim_step(scheduler, guided, t, x)
             self._check_deadline()
         return x
 

@@ -44,7 +44,8 @@ IF_ATTENTION = LORA_ATTENTION + ("add_k_proj", "add_v_proj")
 IF_CONVOLUTION = ("conv1", "conv2", "conv_shortcut")
 
 
-SR_OPTIONS = ("sr_finetune_steps", "sr_finetune_lr", "sr_noise_level", "sr_guidance_scale", "sr_num_inference_steps")
+SR_OPTIONS = ("sr_finetune_steps", "sr_finetune_lr", "sr_noise_level", "sr_guidance_scale", "sr_num_inference_steps",
+              "sr_strength")
 
 
 class EditConfig(BaseModel):
@@ -124,6 +125,10 @@ class EditConfig(BaseModel):
     )
     sr_guidance_scale: float = Field(4.0, ge=1.0, description="SR model guidance (IF-II: 4).")
     sr_num_inference_steps: int = Field(50, ge=1, description="SR model DDIM steps.")
+    sr_strength: float = Field(
+        1.0, gt=0, le=1, description="Share of the SR trajectory run: 1 starts from noise (IF's way); less starts "
+        "from the upsampled base render, noised to that level (fewer steps, closer to the render)."
+    )
 
     @model_validator(mode="after")
     def _check_lora_only_options(self) -> EditConfig:

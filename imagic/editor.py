@@ -205,11 +205,11 @@ class Editor:
             return
         needs, total = self.memory_needs(config), torch.cuda.get_device_properties(self.device).total_memory
         if sum(needs.values()) > 0.9 * total:
-            parts = ", ".join(f"{name} {size / 2**30:.0f}" for name, size in needs.items() if size)
+            parts = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in needs.items() if size)
             advice = ("set use_8bit_adam=true or finetune_method=lora (the default preset)"
                       if config.finetune_method == "full" else "use a GPU with more memory")
-            raise ValueError(f"this edit needs about {sum(needs.values()) / 2**30:.0f} GiB besides activations "
-                             f"({parts} GiB); this GPU has {total / 2**30:.0f} GiB: {advice}")
+            raise ValueError(f"this edit needs about {sum(needs.values()) / 2**30:.1f} GiB besides activations "
+                             f"({parts} GiB); this GPU has {total / 2**30:.1f} GiB: {advice}")
 
     def check_lora_targets(self, config: EditConfig) -> None:
         if config.finetune_method != "lora":
@@ -460,7 +460,7 @@ class Editor:
                     injection.active = progress < config.attention_injection
                     step_cond = e_opt.expand(n, -1, -1) if progress < config.anchor_fraction else cond
                     guided = self._guided_prediction(x, t, step_cond, uncond.expand(n, -1, -1), config, base_state)
-                    x = scheduler.step(guided, t, x).prev_sample
+                    x = ddim_step(scheduler, guided, t, x)
                     self._check_deadline()
                     if mask is not None:  # outside the edit mask, the input's own trajectory
                         x = mask * x + (1 - mask) * trajectory[len(timesteps) - i - 1]
@@ -641,6 +641,14 @@ def failure_reason(error: BaseException) -> tuple[str, str]:
                                  "or train_batch_size, or set finetune_method=lora, mixed_precision=bf16, "
                                  "gradient_checkpointing=true")
     return "engine_error", f"{type(error).__name__}: {error}"
+
+
+def ddim_step(scheduler: DDIMScheduler, prediction: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+    """One DDIM step. Where the schedule clips or thresholds x0 (pixel-space models: IF's dynamic thresholding),
+    ε is re-derived from the clipped x0, as GLIDE and Imagen do: mixed with the unclipped ε, a cosine
+    schedule's first steps (x0 predicted from almost pure noise) wash every render out to gray."""
+    clipped = bool(scheduler.config.thresholding or scheduler.config.clip_sample)
+    return scheduler.step(prediction, t, x, use_clipped_model_output=clipped).prev_sample
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -179,3 +179,15 @@ def test_an_if_base_alone_edits_in_pixel_space_with_the_single_model_recipe(casc
                                                                                    if not k.startswith("sr_")}),
                        etas=[1.0], seeds=[0])
     assert result.images[(1.0, 0)].size == (16, 16) and result.stages[0]["space"] == "pixel"
+
+
+def test_on_a_gpu_too_small_the_edit_is_refused_naming_each_part(cascade_editor, monkeypatch):
+    """The check runs on CUDA only; here the device and its size are stood in for."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cascade_editor, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
+    with pytest.raises(ValueError, match="super-resolution unet training .*set use_8bit_adam=true or finetune_method=lora"):
+        cascade_editor.check_inputs(cascade_config("paper"), [1.0], [0])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**40))
+    cascade_editor.check_inputs(cascade_config("paper"), [1.0], [0])  # 1 TiB: fits

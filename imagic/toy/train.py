@@ -201,7 +201,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, cfg: TrainCon
     return ema_unet, ema_text
 
 
-def evaluate(model: str | Path, cfg, family: str = "single") -> dict:
+def evaluate(model: str | Path, cfg, family: str = "single", **overrides) -> dict:
     """Oracle accuracy of samples from held-out captions (and, for contrast, training captions)."""
     from imagic import Editor, make_config
     from imagic.toy.oracle import measure
@@ -209,7 +209,7 @@ def evaluate(model: str | Path, cfg, family: str = "single") -> dict:
     editor = Editor.from_pretrained(str(model))
     config = make_config("fast", family, guidance_scale=cfg.eval_guidance, num_inference_steps=cfg.eval_inference_steps,
                          render_batch_size=30, **({"sr_num_inference_steps": cfg.eval_inference_steps}
-                                                  if family == "cascade" else {}))
+                                                  if family == "cascade" else {}), **overrides)
     seen = [(c, s, b) for c in COLORS for s in SHAPES for b in BACKGROUNDS if (c, s, b) not in HELD_OUT][::4]
     report = {}
     for split, combos in (("held_out", HELD_OUT), ("train", seen)):
