@@ -166,14 +166,16 @@ CASCADE_PRESETS: dict[str, dict[str, Any]] = {
     # 2e-6 is the one diffusers' community Imagic pipeline took from the paper's Imagen runs.
     "paper": dict(embedding_steps=100, embedding_lr=1e-3, finetune_method="full", finetune_steps=1500, finetune_lr=2e-6,
                   sr_finetune_steps=1500, num_inference_steps=100, guidance_scale=7.0),
-    # LoRA on both models with `fast`'s steps (the embedding needs no more than the paper's 100).
+    # LoRA on both models with `fast`'s steps. The embedding stage is `fast`'s too: with the paper's 100 steps
+    # at 1e-3 the toy cascade's e_opt stays within 7 % of e_tgt, and the fine-tune then ties the input to the
+    # target text itself (anchored renders never edit: 0 of 6 tuning cases; with these, 5 of 6 right and in place).
     "fast": dict(
-        embedding_steps=100, embedding_lr=1e-3, finetune_method="lora", finetune_steps=300, finetune_lr=3e-4,
+        embedding_steps=200, embedding_lr=5e-3, finetune_method="lora", finetune_steps=300, finetune_lr=3e-4,
         lora_rank=8, train_batch_size=4, lora_target_modules=IF_ATTENTION, guidance_scale=7.0,
     ),
     # `fast` rendered from the inversion of the input with the base model's unconditional branch.
     "anchored": dict(
-        embedding_steps=100, embedding_lr=1e-3, finetune_method="lora", finetune_steps=300, finetune_lr=3e-4,
+        embedding_steps=200, embedding_lr=5e-3, finetune_method="lora", finetune_steps=300, finetune_lr=3e-4,
         lora_rank=8, train_batch_size=4, lora_target_modules=IF_ATTENTION + IF_CONVOLUTION,
         render_start="inversion", unconditional_model="base", guidance_scale=3.0,
     ),

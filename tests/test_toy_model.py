@@ -57,3 +57,32 @@ def test_short_edit_succeeds_by_the_oracle(toy_editor, scene, target):
         if m.attributes() == wanted and moved <= 3:
             good.append(eta)
     assert good, f"no η gave {target!r} in place: " + str({e: measure(o).attributes() for (e, _), o in result.images.items()})
+
+
+CASCADE_DIR = Path(__file__).parent.parent / "imagic" / "toy" / "cascade"
+
+
+@pytest.fixture(scope="module")
+def toy_cascade():
+    from imagic import Editor
+
+    return Editor.from_pretrained("toy-if")
+
+
+def test_the_toy_cascade_loads_by_name_and_draws_training_captions(toy_cascade):
+    """toy-if: a 16 px IF-shaped base and a 16→32 SR model, trained by imagic/toy/train_cascade.py. Its small
+    SR model is right from the noised, upsampled render (sr_strength 0.8), not from pure noise."""
+    from imagic.toy.train_cascade import RENDER_SR_STRENGTH
+
+    assert type(toy_cascade).__name__ == "CascadeEditor" and toy_cascade.resolution == 32
+    assert toy_cascade.text_encoder.config.model_type == "t5" and toy_cascade.unet.config.out_channels == 6
+    info = json.loads((CASCADE_DIR / "training.json").read_text())
+    assert info["quality"]["held_out"]["samples"] >= 100 and info["eval_sr_strength"] == RENDER_SR_STRENGTH
+    assert sum(p.stat().st_size for p in CASCADE_DIR.rglob("*") if p.is_file()) < 25 * 2**20
+    config = make_config("fast", "cascade", guidance_scale=4.0, num_inference_steps=25, sr_num_inference_steps=25,
+                         sr_strength=RENDER_SR_STRENGTH)
+    for text in ("a blue circle on white background", "a yellow square on black background"):
+        e = toy_cascade.encode_text(text)
+        images = toy_cascade.render(e, e, [1.0], [0, 1, 2, 3], config)
+        hits = sum(measure(image).attributes() == parse_caption(text) for image in images.values())
+        assert hits >= 3, f"{text}: {hits}/4 samples match"
