@@ -115,10 +115,8 @@ class Editor:
                                                            callback, stats)
                 # 5. Stage C: interpolate and render (and η=0 once more: does the edit still hold the input?)
                 with stats.stage("render"):
-                    check = [] if not config.score_outputs or 0.0 in etas else [0.0]
-                    images = self.render(e_tgt, e_opt, etas, seeds, config, latents)
-                    if check:  # batched apart, so that a re-render of `etas` batches (and rounds) exactly alike
-                        images.update(self.render(e_tgt, e_opt, check, seeds, config, latents))
+                    check = _check_etas(config, etas)
+                    images = self.render(e_tgt, e_opt, [*etas, *check], seeds, config, latents)
             finally:
                 self._deadline = None
                 self.restore()
@@ -176,9 +174,14 @@ class Editor:
         try:
             latents = self.encode_image(result.input_image, result.config)
             self.apply_delta(result.delta, result.config)
-            return self.render(
-                result.e_tgt.to(self.device), result.e_opt.to(self.device), etas, seeds, result.config, latents
+            # The edit's own check image too: batched as the edit batched them, the same η/seed renders (and
+            # rounds) exactly alike.
+            check = _check_etas(result.config, etas)
+            images = self.render(
+                result.e_tgt.to(self.device), result.e_opt.to(self.device), [*etas, *check], seeds, result.config,
+                latents,
             )
+            return {key: image for key, image in images.items() if key[0] not in check}
         finally:
             self.restore()
 
@@ -641,6 +644,11 @@ def failure_reason(error: BaseException) -> tuple[str, str]:
                                  "or train_batch_size, or set finetune_method=lora, mixed_precision=bf16, "
                                  "gradient_checkpointing=true")
     return "engine_error", f"{type(error).__name__}: {error}"
+
+
+def _check_etas(config: EditConfig, etas) -> list[float]:
+    """η = 0 rendered beside the outputs when scoring, to ask whether the edit still holds the input."""
+    return [] if not config.score_outputs or 0.0 in etas else [0.0]
 
 
 def ddim_step(scheduler: DDIMScheduler, prediction: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
