@@ -44,10 +44,6 @@ IF_ATTENTION = LORA_ATTENTION + ("add_k_proj", "add_v_proj")
 IF_CONVOLUTION = ("conv1", "conv2", "conv_shortcut")
 
 
-SR_OPTIONS = ("sr_finetune_steps", "sr_finetune_lr", "sr_noise_level", "sr_guidance_scale", "sr_num_inference_steps",
-              "sr_strength")
-
-
 class EditConfig(BaseModel):
     """Everything that decides what an edit computes. Saved with every result."""
 
@@ -139,6 +135,9 @@ class EditConfig(BaseModel):
         if self.render_start == "noise" and self.mask_threshold > 0:
             raise ValueError("mask_threshold needs render_start='inversion' (it keeps the inverted input outside the mask)")
         return self
+
+
+SR_OPTIONS = tuple(name for name in EditConfig.model_fields if name.startswith("sr_"))  # a cascade's only
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from imagic.config import CASCADE_SEPARATOR
 from imagic.storage import S3Storage, StorageError
 
 SYNC_MARKER = ".imagic-sync.json"  # written last: its presence means the copy is complete
@@ -57,9 +58,9 @@ def model_sha256(path: str) -> str | None:
     Cached per process: a chunk hashes its model once (sha256 ran at 1.2 GB/s on our 2-core CPU, so
     about 4 s for SD 1.5's 4.3 GB of fp32 weights).
     """
-    if "+" in path:  # a cascade: the hash of its stages' hashes
-        parts = [model_sha256(part) for part in path.split("+")]
-        return None if None in parts else hashlib.sha256("+".join(parts).encode()).hexdigest()
+    if CASCADE_SEPARATOR in path:  # a cascade: the hash of its stages' hashes
+        parts = [model_sha256(part) for part in path.split(CASCADE_SEPARATOR)]
+        return None if None in parts else hashlib.sha256(CASCADE_SEPARATOR.join(parts).encode()).hexdigest()
     directory = Path(path) if Path(path).is_dir() else _hub_snapshot(path)
     if directory is None:
         return None

@@ -186,19 +186,24 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, cfg: TrainCon
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         prediction = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = F.mse_loss(prediction, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        optimizer_step(loss, params, optimizer, ema_params, step, cfg)
         log["unet_loss"].append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
             recent = np.mean(log["unet_loss"][-cfg.log_every:])
             print(f"unet {step:6d}/{cfg.unet_steps}  loss {recent:.4f}  lr {lr_at(step, cfg):.2e}  "
                   f"{time.perf_counter() - started:6.0f}s", flush=True)
     return ema_unet, ema_text
+
+
+def optimizer_step(loss, params, optimizer, ema_params, step: int, cfg) -> None:
+    """backward → clip → step → zero → EMA (warmed up: the average starts short and grows to `ema_decay`)."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
 
 
 def evaluate(model: str | Path, cfg, family: str = "single", **overrides) -> dict:

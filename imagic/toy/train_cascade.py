@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
 from transformers import T5Config, T5EncoderModel
 
+from imagic.config import CASCADE_SEPARATOR
 from imagic.tiny import CASCADE_FOLDERS, IF_SCHEDULER, if_unet, make_clip_tokenizer
-from imagic.toy.train import MAX_TOKENS, VOCABULARY, command_line, evaluate, save_training_record, training_batch
+from imagic.toy.train import (MAX_TOKENS, VOCABULARY, command_line, evaluate, optimizer_step, save_training_record,
+                              training_batch)
 
 DEFAULT_OUT = Path(__file__).parent / "cascade"
 MAX_AUGMENTATION = 500  # SR training draws its low-res noise level from [0, this); renders use 250
@@ -85,13 +87,7 @@ def train(name: str, unet, trained: list[torch.nn.Module], steps: int, batch_siz
         pixels, captions = training_batch(rng, batch_size)
         captions = ["" if rng.random() < cfg.caption_dropout else c for c in captions]
         loss = loss_of(pixels, captions)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        optimizer_step(loss, params, optimizer, ema_params, step, cfg)
         log[name].append(loss.item())
         if step % cfg.log_every == 0 or step == steps - 1:
             print(f"{name:4s} {step:6d}/{steps}  loss {np.mean(log[name][-cfg.log_every:]):.4f}  "
@@ -158,7 +154,7 @@ def main() -> None:
     )
     for folder, pipeline in zip(CASCADE_FOLDERS, stages):
         pipeline.save_pretrained(args.out / folder, safe_serialization=True)
-    model = "+".join(str(args.out / folder) for folder in CASCADE_FOLDERS)
+    model = CASCADE_SEPARATOR.join(str(args.out / folder) for folder in CASCADE_FOLDERS)
     quality = evaluate(model, cfg, family="cascade", sr_strength=RENDER_SR_STRENGTH)
     save_training_record(args.out, cfg, log, started, parameters=counts, quality=quality,
                          seconds={"base": base_seconds, "total_training": train_seconds})
