@@ -79,8 +79,8 @@ def build_cascade(config: dict, device: str):
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
     from transformers import T5Config, T5EncoderModel
 
-    from imagic.models import Cascade
-    from imagic.tiny import make_clip_tokenizer
+    from imagic.engine.loading import Cascade
+    from imagic.toy.tiny import make_clip_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -105,7 +105,7 @@ def build_pipeline(config: dict):
     from diffusers.schedulers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from imagic.tiny import make_clip_tokenizer
+    from imagic.toy.tiny import make_clip_tokenizer
 
     torch.manual_seed(0)
     schedulers = {cls.__name__: cls for cls in (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler)}
@@ -154,7 +154,7 @@ def run(arch: str, preset: str, fast_path: bool, args) -> dict:
 
     from imagic import Editor, make_config
 
-    from imagic.cascade import CascadeEditor
+    from imagic.engine.editor import CascadeEditor
 
     config_data = scaled(json.loads((ARCHITECTURES / f"{arch}.json").read_text()), args.scale)
     family = "cascade" if config_data["pipeline"] == "Cascade" else "single"

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.testing import LocalCluster, stop
+from tests.cluster import LocalCluster, stop
 
 STEPS = {"embedding_steps": 20, "finetune_steps": 20, "num_inference_steps": 10}
 PLANNING = """

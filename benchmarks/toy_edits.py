@@ -96,7 +96,7 @@ def run_case(args: tuple[str, dict, dict, list[float], list[int], str | None]) -
     result = _editor.edit(image, case["target_text"], config, etas, seeds)
     seconds = time.perf_counter() - started
     if sheet_dir:
-        from imagic.sheet import contact_sheet
+        from imagic.batch.sheet import contact_sheet
 
         contact_sheet(result.input_image, result.images, title=f"{case['source_text']} -> {case['target_text']}",
                       selection=result.selection).save(Path(sheet_dir) / f"{case['id']}.png")
@@ -166,7 +166,7 @@ def tune_selection(rows: list[dict], min_precision: float = 0.9) -> dict:
     """Thresholds of the selection rule that cover the most cases at ≥ `min_precision` "both" (or, if none
     reaches it, the highest precision), replaying the engine's own `select` on the stored scores."""
     from imagic import make_config
-    from imagic.selection import select
+    from imagic.engine.selection import select
 
     best = None
     for min_edit in np.round(np.arange(0.0, 0.61, 0.05), 3):
@@ -230,7 +230,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from imagic import make_config
-    from imagic.config import model_family
+    from imagic.engine.builtins import model_family
 
     presets = args.preset or ["anchored"]
     overrides = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.set)}

@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger, task
 
 from flows.bulk_edit import bulk_edit, final_state
 from flows.retry import STORAGE_RETRIES
-from imagic.augment import augmentation_manifest, check_locations, dataset_images
-from imagic.storage import open_storage
+from imagic.batch.augment import augmentation_manifest, check_locations, dataset_images
+from imagic.io.storage import open_storage
 
 
 @task(**STORAGE_RETRIES)

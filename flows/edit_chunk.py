@@ -6,19 +6,17 @@ import prefect.runtime.flow_run
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.retry import STORAGE_RETRIES, transient_only
+from flows.retry import MODEL_LOAD_RETRIES, STORAGE_RETRIES
 from imagic import Editor
-from imagic.batch import run_entry
-from imagic.config import DEFAULT_MODEL
-from imagic.layout import RECORD_FILE
-from imagic.manifest import detect_format, read_manifest_text, validate_manifest
-from imagic.settings import Settings
-from imagic.manifest import Entry
-from imagic.storage import open_storage
+from imagic.batch.manifest import Entry, detect_format, read_manifest_text, validate_manifest
+from imagic.batch.outputs import RECORD_FILE
+from imagic.batch.run import run_entry
+from imagic.batch.settings import Settings
+from imagic.engine.builtins import DEFAULT_MODEL
+from imagic.io.storage import open_storage
 
 
-# Retried when syncing an s3:// model hits a transient fault; a missing or incomplete model is not retried.
-@task(retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+@task(**MODEL_LOAD_RETRIES, cache_policy=NO_CACHE)
 def load_editor(model: str, device: str = "auto") -> Editor:
     """Load the pipeline, syncing an s3:// model to the local cache first (retried: both are I/O)."""
     import torch
@@ -41,9 +39,8 @@ def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str, settin
     return _row(record)
 
 
-def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str,
-              settings: Settings | None = None, holder: str | None = None) -> list[dict]:
-    settings = settings or Settings.from_env("local")
+def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str, settings: Settings,
+              holder: str | None = None) -> list[dict]:
     return [edit_entry(editor, entry, output_uri, model, settings, holder) for entry in entries]
 
 
@@ -76,8 +73,9 @@ def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL,
 
     `entries`: references (`{"id", "attempt"}`) into `manifest_uri`, as the parent sends them — so input
     URIs, which may carry signatures, never become flow-run parameters that the Prefect API stores and
-    shows — or whole entries. `holder`: the parent run, which claims each entry before editing it. The operator's settings for deployment mode apply (`imagic/settings.py`:
-    inputs from `s3://` only unless IMAGIC_ALLOWED_INPUTS says otherwise).
+    shows — or whole entries. `holder`: the parent run, which claims each entry before editing it. The
+    operator's settings for deployment mode apply (`imagic/batch/settings.py`: inputs from `s3://` only
+    unless IMAGIC_ALLOWED_INPUTS says otherwise).
     """
     settings = Settings.from_env("deployment")
     if manifest_uri is not None:

@@ -12,11 +12,11 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
     __version__ = "0.0.0+unknown"
 
 _EXPORTS = {
-    "PRESETS": "imagic.config", "EditConfig": "imagic.config", "make_config": "imagic.config",
-    "Editor": "imagic.editor", "EditResult": "imagic.result", "ImageError": "imagic.images",
-    "fit_image": "imagic.images", "load_image": "imagic.images", "ModelError": "imagic.model_store",
-    "load_pipeline": "imagic.models", "Cascade": "imagic.models", "CascadeEditor": "imagic.cascade",
-    "CASCADE_PRESETS": "imagic.config",
+    "PRESETS": "imagic.engine.config", "EditConfig": "imagic.engine.config", "make_config": "imagic.engine.config",
+    "CASCADE_PRESETS": "imagic.engine.config", "Editor": "imagic.engine.editor", "CascadeEditor": "imagic.engine.editor",
+    "EditResult": "imagic.engine.result", "ImageError": "imagic.engine.images", "fit_image": "imagic.engine.images",
+    "load_image": "imagic.engine.images", "ModelError": "imagic.engine.errors", "load_pipeline": "imagic.engine.loading",
+    "Cascade": "imagic.engine.loading",
 }
 __all__ = list(_EXPORTS)
 

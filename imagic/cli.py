@@ -20,8 +20,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import imagic
-from imagic.config import DEFAULT_ETAS, DEFAULT_MODEL, DEFAULT_PRESET, DEFAULT_SEEDS, PRESETS, Redo
-from imagic.layout import ERROR_FILE, RECORD_FILE, SHEET_FILE, scan
+from imagic.batch.outputs import ERROR_FILE, RECORD_FILE, SHEET_FILE, scan
+from imagic.batch.plan import Redo
+from imagic.engine.builtins import BUILTIN_MODELS, DEFAULT_MODEL
+from imagic.engine.config import DEFAULT_PRESET, PRESETS
+from imagic.engine.grid import DEFAULT_ETAS, DEFAULT_SEEDS
 
 # Everything heavy (torch, diffusers, Prefect) is imported inside the command that needs it: `--help`,
 # `--version`, `manifest validate` and a bad manifest given to `run` answer at once.
@@ -66,10 +69,8 @@ def edit(
     seed: SeedOption = None,
     preset: Annotated[Preset, typer.Option(help="Named set of config defaults.")] = DEFAULT_PRESET,
     model: Annotated[str, typer.Option(
-        help="Hub id, local diffusers directory, s3:// prefix, or toy / tiny / tiny-xl / tiny-if; a cascade is "
-             "base+super_resolution.")] = (
-        DEFAULT_MODEL
-    ),
+        help=f"Hub id, local diffusers directory, s3:// prefix, or {' / '.join(BUILTIN_MODELS)}; a cascade is "
+             "base+super_resolution.")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/edit"),
     device: DeviceOption = "auto",
     set_: SetOption = None,
@@ -78,17 +79,20 @@ def edit(
 
     Example: imagic edit photo.png --target "a dog sitting" --eta 0.6,0.7,0.8 --seed 0 --out out/dog
     """
-    from imagic.batch import run_entry
-    from imagic.manifest import single_entry
-    from imagic.storage import LocalStorage
+    from imagic.batch.manifest import single_entry
+    from imagic.batch.run import run_entry
+    from imagic.batch.settings import Settings
+    from imagic.io.storage import LocalStorage
 
     with _errors():
+        settings = Settings.from_env()
         entry = single_entry(image, target, etas=_floats(eta) if eta else None, seeds=_ints(seed) if seed else None,
                              preset=Preset(preset).value, overrides=_overrides(set_ or []),
-                             entry_id=_safe_id(out.name), model=model)
+                             entry_id=_safe_id(out.name), model=model, settings=settings)
         editor = _editor(model, device)
         with _progress() as progress:
-            record = run_entry(editor, entry, LocalStorage(out), model=model, folder="", callback=progress)
+            record = run_entry(editor, entry, LocalStorage(out), model=model, folder="", callback=progress,
+                               settings=settings)
     if record["status"] == "failed":
         console.print(f"[red]error:[/] {escape(record['error']['message'])} ({record['error']['reason']}; "
                       f"{out / ERROR_FILE})", soft_wrap=True)
@@ -112,8 +116,8 @@ def render(
     device: DeviceOption = "auto",
 ) -> None:
     """Render new η/seed images from a saved edit, without retraining."""
-    from imagic.result import EditResult, image_name
-    from imagic.sheet import contact_sheet
+    from imagic.batch.sheet import contact_sheet
+    from imagic.engine.result import EditResult, image_name
 
     with _errors():
         result = EditResult.load(edit_dir)
@@ -158,7 +162,7 @@ def run(
 
     Example: imagic run examples/manifest.jsonl --output out/batch
     """
-    from imagic.storage import open_storage
+    from imagic.io.storage import open_storage
 
     with _errors():
         overrides = _overrides(set_ or []) or None
@@ -199,11 +203,12 @@ def _stop_cleanly_on_signals() -> None:
 
 def _validate(manifest: str, preset: str | None, overrides: dict | None, model: str | None = None) -> list:
     """The manifest's valid entries; a file that cannot run at all raises (one line per problem)."""
-    from imagic.manifest import detect_format, read_manifest_text, runnable, validate_manifest
+    from imagic.batch.manifest import detect_format, read_manifest_text, runnable, validate_manifest
+    from imagic.batch.settings import Settings
 
     fmt = detect_format(manifest)
     return runnable(*validate_manifest(read_manifest_text(manifest), fmt, preset=preset, overrides=overrides,
-                                       model=model))
+                                       model=model, settings=Settings.from_env()))
 
 
 manifest_app = typer.Typer(help="Manifests: validate them, print their JSON Schema.", no_args_is_help=True)
@@ -215,17 +220,18 @@ def manifest_validate(
     manifest: Annotated[str, typer.Argument(help="Manifest file or URI (.jsonl, .csv, .yaml).")],
 ) -> None:
     """Check a manifest and print every problem with its line; exit 2 if there are any."""
-    from imagic.manifest import detect_format, parse_manifest, read_manifest_text
+    from imagic.batch.manifest import detect_format, parse_manifest, read_manifest_text
+    from imagic.batch.settings import Settings
 
     with _errors():
-        entries = parse_manifest(read_manifest_text(manifest), detect_format(manifest))
+        entries = parse_manifest(read_manifest_text(manifest), detect_format(manifest), settings=Settings.from_env())
     console.print(f"[green]valid:[/] {len(entries)} entries, {sum(len(e.etas) * len(e.seeds) for e in entries)} images")
 
 
 @manifest_app.command("schema")
 def manifest_schema() -> None:
     """Print the JSON Schema of a manifest entry and of the file-level defaults."""
-    from imagic.manifest import json_schema
+    from imagic.batch.manifest import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 
@@ -241,8 +247,8 @@ def status(
     """Summarise a batch's output: finished, failed (with reasons), changed, and the latest report."""
     from collections import Counter
 
-    from imagic.layout import BATCHES, REPORT_FILE, attempt_folder
-    from imagic.storage import StorageError, open_storage
+    from imagic.batch.outputs import BATCHES, REPORT_FILE, attempt_folder
+    from imagic.io.storage import StorageError, open_storage
 
     with _errors():
         store = open_storage(output)
@@ -271,10 +277,11 @@ def status(
 
 
 def _status_plan(manifest: str, store, model: str | None) -> None:
-    from imagic.batch import plan
+    from imagic.batch.manifest import batch_model
+    from imagic.batch.plan import plan
 
     entries = _validate(manifest, None, None, model)
-    planned = plan(entries, store, model=model or entries[0].model or DEFAULT_MODEL)
+    planned = plan(entries, store, model=batch_model(entries, model))
     console.print(f"{manifest}: {len(planned.todo)} to do, {len(planned.done)} done, {len(planned.changed)} changed, "
                   f"{len(planned.failed)} failed and not retried")
     for entry, _, changes in planned.changed:
@@ -287,7 +294,7 @@ def _editor(model: str, device: str):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from imagic.editor import Editor
+    from imagic.engine.editor import Editor
 
     diffusers_logging.disable_progress_bar()  # the status spinner says it; tqdm would fight rich
     transformers_logging.disable_progress_bar()
@@ -300,7 +307,7 @@ def _editor(model: str, device: str):
 
 def _safe_id(name: str) -> str | None:
     """An output folder's name as the entry id when it is a valid one (else one is generated)."""
-    from imagic.manifest import ID_PATTERN
+    from imagic.batch.manifest import ID_PATTERN
 
     return name if ID_PATTERN.match(name) else None
 
@@ -340,7 +347,7 @@ def _overrides(pairs: list[str]) -> dict:
 def _batch_progress(entries: list, output: str):
     """A bar of the manifest's entries finished in the output store (polled: it works whether the
     entries run in this process or on a work pool). A store that cannot be listed shows no bar."""
-    from imagic.storage import open_storage
+    from imagic.io.storage import open_storage
 
     def state(keys: list[str]) -> tuple[set[str], set[str]]:  # (finished ids, ids whose latest attempt failed)
         attempts = scan(keys)
@@ -408,10 +415,10 @@ class _errors:
         return self
 
     def __exit__(self, kind, error, tb):
-        from imagic.images import ImageError
-        from imagic.manifest import ManifestError
-        from imagic.model_store import ModelError
-        from imagic.storage import StorageError
+        from imagic.batch.manifest import ManifestError
+        from imagic.engine.images import ImageError
+        from imagic.engine.errors import ModelError
+        from imagic.io.storage import StorageError
 
         if isinstance(error, ManifestError) and len(error.problems) == 1:
             console.print(f"[red]error:[/] {escape(error.problems[0])}", soft_wrap=True)

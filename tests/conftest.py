@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from PIL import Image, ImageDraw  # noqa: E402
 
 from imagic import Editor, make_config  # noqa: E402
-from imagic.tiny import build_tiny_pipeline  # noqa: E402
+from imagic.toy.tiny import build_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from imagic.cli import app
 
-from .conftest import QUICK, draw_scene
+from tests.conftest import QUICK, draw_scene
 
 runner = CliRunner()
 QUICK_ARGS = [arg for key, value in QUICK.items() for arg in ("--set", f"{key}={value}")]
@@ -102,7 +102,7 @@ def test_manifest_schema_is_json():
 
 def test_edit_reads_an_s3_uri(s3_env, tmp_path, tiny_dir):
     """`imagic edit s3://b/x.png` reads the object (a Path argument once collapsed `//` to `s3:/b/x.png`)."""
-    from imagic.storage import open_storage
+    from imagic.io.storage import open_storage
 
     path = tmp_path / "x.png"
     draw_scene(size=64).save(path)

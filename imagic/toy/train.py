@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from imagic.tiny import make_clip_tokenizer
+from imagic.toy.tiny import make_clip_tokenizer
 from imagic.toy.scenes import BACKGROUNDS, COLORS, SHAPES, Scene, caption, random_scene, render
 
 # Never trained on: each of their attributes (and attribute pairs) still appears in training captions.

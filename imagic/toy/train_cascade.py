@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
 from transformers import T5Config, T5EncoderModel
 
-from imagic.config import CASCADE_SEPARATOR
-from imagic.tiny import CASCADE_FOLDERS, IF_SCHEDULER, if_unet, make_clip_tokenizer
+from imagic.engine.builtins import CASCADE_FOLDERS, CASCADE_SEPARATOR
+from imagic.toy.tiny import IF_SCHEDULER, if_unet, make_clip_tokenizer
 from imagic.toy.train import (MAX_TOKENS, VOCABULARY, command_line, evaluate, optimizer_step, save_training_record,
                               training_batch)
 

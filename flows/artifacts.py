@@ -1,0 +1,85 @@
+"""What a batch shows in the Prefect UI: a progress bar while it runs; a table, a summary and a contact-sheet
+gallery when it ends. Plain functions over the report (imagic/batch/report.py)."""
+
+from __future__ import annotations
+
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.states import Completed, Failed, State
+
+from imagic.batch.outputs import SHEET_FILE
+
+# Above this share of the manifest's entries failing, the flow run ends Failed so that automations alert.
+MAX_FAILURE_FRACTION = 0.5
+GALLERY_SIZE = 24  # contact sheets shown in the Prefect UI: those that need a look first
+
+
+class Progress:
+    """The share of this run's entries finished, as a progress artifact."""
+
+    def __init__(self, batch_id: str, total: int):
+        self.total, self.finished = total, 0
+        self.artifact = create_progress_artifact(0.0, key=f"bulk-edit-{batch_id}", description="entries finished")
+
+    def advance(self, count: int) -> None:
+        self.finished += count
+        update_progress_artifact(self.artifact, 100.0 * self.finished / max(1, self.total))
+
+
+def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION) -> State:
+    """The final state dashboards show: counts in the message, the report as the result; Failed when more
+    than `max_failure_fraction` of the manifest's entries failed in this run."""
+    counts = report["counts"]
+    message = f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped"
+    if counts.get("changed"):
+        message += f", {counts['changed']} changed (not redone: --redo changed)"
+    if counts.get("in_progress"):
+        message += f", {counts['in_progress']} in progress in another run"
+    fraction = counts["failed"] / max(1, counts["total"])
+    if fraction > max_failure_fraction:
+        return Failed(message=f"{message}: {counts['failed']} of {counts['total']} entries failed "
+                              f"({fraction:.0%} > max_failure_fraction {max_failure_fraction:g})", data=report)
+    return Completed(message=message, data=report)
+
+
+def publish_report(report: dict, links: dict, share_url=None) -> None:
+    """Table, summary and contact-sheet artifacts for the Prefect UI. `share_url(key)` makes the links a
+    browser opens (presigned for S3); without it, the gallery is left out."""
+    key = f"bulk-edit-{report['batch_id']}"
+    create_table_artifact(report["entries"], key=f"{key}-entries", description="one row per entry")
+    counts = report["counts"]
+    lines = [f"# Batch `{report['batch_id']}`", "",
+             f"**{counts['succeeded']} succeeded · {counts['failed']} failed · {counts['skipped']} skipped · "
+             f"{counts['changed']} changed** of {counts['total']} in {report['wall_seconds']:.0f} s "
+             f"(GPU-seconds {report['gpu_seconds']:.0f})",
+             f"{counts['selected']} with an output selected automatically · "
+             f"**{counts['needs_review']} need review**", "",
+             f"Report: `{links['report']}` · [index]({links['share_index']}) · dataset: `{links['dataset']}`"]
+    if report["needs_review"]:
+        lines += ["", "| entry | needs review because |", "|---|---|"]
+        lines += [f"| {r['entry_id']} | {r['reason']} |" for r in report["needs_review"]]
+    if report["changed"]:
+        lines += ["", "| entry | changed since its record (rerun with --redo changed) |", "|---|---|"]
+        lines += [f"| {c['entry_id']} | {', '.join(c['changes'])} |" for c in report["changed"]]
+    if report["failures"]:
+        lines += ["", "| entry | line | reason | message |", "|---|---|---|---|"]
+        lines += [f"| {f['entry_id']} | {f['line']} | {f['reason']} | {f['message'][:120]} |"
+                  for f in report["failures"]]
+    create_markdown_artifact("\n".join(lines), key=f"{key}-summary")
+    if share_url is not None:
+        create_markdown_artifact(contact_sheet_gallery(report, share_url), key=f"{key}-contact-sheets",
+                                 description="contact sheets, those that need review first")
+
+
+def contact_sheet_gallery(report: dict, share_url) -> str:
+    rows = [row for row in report["entries"] if row.get("contact_sheet")]
+    rows.sort(key=lambda row: row.get("verdict") != "needs_review")
+    lines = [f"# Contact sheets of batch `{report['batch_id']}`", ""]
+    for row in rows[:GALLERY_SIZE]:
+        verdict = (f"selected η={row['selected_eta']:g}" if row.get("verdict") == "selected"
+                   else f"needs review: {row.get('review_reason', row.get('verdict'))}")
+        lines += [f"**{row['entry_id']}** — {row['target_text']} — {verdict}", "",
+                  f"![{row['entry_id']}]({share_url(row['folder'] + '/' + SHEET_FILE)})", ""]
+    if len(rows) > GALLERY_SIZE:
+        lines.append(f"… and {len(rows) - GALLERY_SIZE} more in the index.")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Deployment mode: one `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import prefect.runtime.flow_run
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from flows.retry import DISPATCH_RETRIES
+from imagic.batch.manifest import Entry
+
+EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
+
+
+def chunk_key(parent_run_id: str, entries: list[Entry]) -> str:
+    """Deterministic per (parent run, chunk): a retried submission returns the child it already created.
+
+    Not deterministic across parent runs on purpose: re-running a batch after a crash must start new
+    children for its unfinished chunks, not get back the dead child of the crashed run.
+    """
+    digest = hashlib.sha256(json.dumps([e.folder for e in entries]).encode()).hexdigest()[:16]
+    return f"{parent_run_id}-{digest}"
+
+
+@task(**DISPATCH_RETRIES, cache_policy=NO_CACHE)
+def run_chunk_deployment(entries: list[Entry], output_uri: str, model: str, device: str, deployment: str,
+                         key: str, source: dict) -> int:
+    """One `edit-chunk` run on the work pool; waits for it. Retried on API errors (the key makes that safe).
+
+    The child gets references into the manifest (`source`: its URI, preset and overrides), not the
+    entries: input URIs may carry credentials, and flow-run parameters are stored and shown by Prefect."""
+    from prefect.deployments import run_deployment
+
+    child = run_deployment(
+        deployment,
+        parameters={"entries": [{"id": e.id, "attempt": e.attempt} for e in entries], "output_uri": output_uri,
+                    "model": model, "device": device, **source},
+        idempotency_key=key, timeout=None, as_subflow=True,
+    )
+    if not child.state or not child.state.is_completed():
+        # Per-entry failures are records, so a failed child means lost infrastructure (OOM, evicted pod):
+        # its entries show up as `not_run` in the report and are redone by the next run of the batch.
+        get_run_logger().warning("chunk run %s ended %s", child.name, child.state.name if child.state else None)
+    return len(entries)
+
+
+def check_deployment(deployment: str) -> None:
+    """Fail at once, saying what to do, when the chunk deployment is not registered (not after retries)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            raise ValueError(f"deployment {deployment!r} is not registered on {client.api_url}: register it with "
+                             "`prefect deploy --all` (prefect.yaml; docs/deploy.md), or use mode=local") from None
+
+
+def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str, device: str,
+                         max_in_flight: int, deployment: str, on_done, source: dict) -> None:
+    """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
+    check_deployment(deployment)
+    parent_run_id = str(prefect.runtime.flow_run.id)
+    in_flight = []
+    for entries in chunks:
+        if len(in_flight) >= max_in_flight:
+            finished = next(as_completed(in_flight))
+            in_flight.remove(finished)
+            on_done(finished.result())
+        in_flight.append(run_chunk_deployment.submit(entries, output_uri, model, device, deployment,
+                                                     chunk_key(parent_run_id, entries), source))
+    for finished in as_completed(in_flight):
+        on_done(finished.result())

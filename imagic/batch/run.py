@@ -1,0 +1,162 @@
+"""One manifest entry through the engine into a store; and what a batch writes or reads for entries as a whole.
+
+Per entry: read the input (bounded), edit, write images, contact sheet and artifacts, then `record.json`
+LAST (create-if-absent): its presence means the attempt is finished. A bad entry gets `error.json` with a
+machine-readable reason instead of an exception, so it never sinks the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from imagic.batch.claims import RENEW_EVERY_S, claim, live_claim, release
+from imagic.batch.manifest import Entry, Rejected
+from imagic.batch.outputs import (ERROR_FILE, RECORD_FILE, SHEET_FILE, edit_record, failure_record,
+                                  in_progress_record, json_bytes)
+from imagic.batch.settings import Settings
+from imagic.batch.sheet import contact_sheet
+from imagic.engine.builtins import has_oracle
+from imagic.engine.identity import model_sha256
+from imagic.engine.images import ImageError, load_image
+from imagic.engine.result import png_bytes
+from imagic.toy.metrics import toy_metrics
+from imagic.io.inputs import read_uri
+from imagic.io.redaction import redact_text, redact_uri
+from imagic.io.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from imagic.engine.denoiser import ProgressCallback
+    from imagic.engine.editor import Editor
+
+
+def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folder: str | None = None,
+              callback: ProgressCallback | None = None, settings: Settings | None = None,
+              holder: str | None = None) -> dict:
+    """Edit one entry into `<folder>/` of `store` (default: the entry's attempt folder; "" for the store's
+    root); returns its record (status succeeded, failed, already_done, or in_progress when another run
+    holds the entry). `settings`: the operator's input policy and limits (default: the built-in ones).
+    `holder`: the batch run this edit belongs to; with it, the entry is claimed first."""
+    folder = entry.folder if folder is None else folder
+    settings = settings or Settings.defaults()
+    if holder is None or not folder:
+        return _edit_into(editor, entry, store, folder, model, callback, settings)
+    if claim(store, folder, holder) is None:
+        return in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt, folder=folder,
+                                  input_uri=entry.image, target_text=entry.target_text,
+                                  holder=live_claim(store, folder) or {})
+    renewed = time.monotonic()
+
+    def renewing(stage: str, step: int, total: int, loss: float) -> None:
+        nonlocal renewed
+        if time.monotonic() - renewed > RENEW_EVERY_S:
+            claim(store, folder, holder)
+            renewed = time.monotonic()
+        if callback is not None:
+            callback(stage, step, total, loss)
+
+    try:
+        return _edit_into(editor, entry, store, folder, model, renewing, settings)
+    finally:
+        release(store, folder, holder)
+
+
+def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model: str,
+               callback: ProgressCallback | None, settings: Settings) -> dict:
+    key = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
+    started = time.perf_counter()
+
+    def fail(reason: str, message: str) -> dict:
+        record = failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
+                                target_text=entry.target_text, reason=reason,
+                                message=redact_text(message, entry.image),
+                                seconds=time.perf_counter() - started, attempt=entry.attempt)
+        store.write_bytes(key(ERROR_FILE), json_bytes(record))
+        return record
+
+    if not settings.input_allowed(entry.image):  # the same answer whether such a file exists or not
+        return fail("input_not_allowed", f"{redact_uri(entry.image)}: inputs must start with one of "
+                                         f"{settings.allowed_inputs} (operator setting "
+                                         f"{settings.env_name('allowed_inputs')})")
+    try:
+        input_bytes = read_uri(entry.image, max_bytes=settings.max_input_bytes, timeout_s=settings.input_timeout_s)
+        image = load_image(input_bytes, name=redact_uri(entry.image))
+        editor.check_inputs(entry.config, entry.etas, entry.seeds)
+        result = editor.edit(image, entry.target_text, entry.config, entry.etas, entry.seeds, callback,
+                             deadline=time.monotonic() + settings.entry_timeout_s)
+    except StorageError as err:
+        return fail("input_unreadable", str(err))
+    except ImageError as err:
+        return fail("input_not_an_image", str(err))
+    except ValueError as err:  # e.g. target text longer than the model takes, a CUDA-only option on CPU
+        editor.recover()
+        return fail("invalid_request", str(err))
+    except Exception as err:  # CUDA out of memory, a kernel or model error: this entry fails, the chunk goes on
+        editor.recover()
+        return fail(*failure_reason(err, settings))
+
+    files = result.to_files()
+    files[SHEET_FILE] = png_bytes(
+        contact_sheet(result.input_image, result.images, title=entry.target_text, selection=result.selection)
+    )
+    for name, data in files.items():  # outputs first …
+        store.write_bytes(key(name), data)
+    record = edit_record(
+        result, entry_id=entry.id, attempt=entry.attempt, manifest_line=entry.line, folder=folder,
+        input_uri=entry.image, input_bytes=input_bytes, model=model,
+        model_sha256=model_sha256(editor.pipeline.name_or_path), preset=entry.preset, device=str(editor.device),
+        url_for=lambda name: store.url_for(key(name)), wall_seconds=time.perf_counter() - started,
+        toy_metrics=toy_metrics(entry.target_text, result.images) if has_oracle(model) else None,
+    )
+    # … the record last, and only once: a concurrent or repeated run never overwrites a finished entry.
+    if not store.write_bytes(key(RECORD_FILE), json_bytes(record), if_absent=True):
+        record["status"] = "already_done"
+    return record
+
+
+def failure_reason(error: BaseException, settings: Settings) -> tuple[str, str]:
+    """(reason, message) for an edit that raised: what went wrong, and what to do about it."""
+    import torch
+
+    if isinstance(error, TimeoutError):
+        return "time_limit", f"{error} (operator setting {settings.env_name('entry_timeout_s')})"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out_of_memory", (f"the GPU ran out of memory ({str(error).splitlines()[0]}); lower render_batch_size "
+                                 "or train_batch_size, or set finetune_method=lora, mixed_precision=bf16, "
+                                 "gradient_checkpointing=true")
+    return "engine_error", f"{type(error).__name__}: {error}"
+
+
+def reject(store: Storage, rejected: list[Rejected]) -> list[dict]:
+    """Error records for entries that failed validation (they never reach a GPU)."""
+    records = []
+    for r in rejected:
+        record = failure_record(entry_id=r.id, line=r.line, input_uri=r.image, target_text=r.target_text,
+                                reason="invalid_entry", message="; ".join(r.problems))
+        store.write_bytes(f"{r.id}/{ERROR_FILE}", json_bytes(record))
+        records.append(record)
+    return records
+
+
+def read_records(entries: list[Entry], store: Storage, holder: str | None = None) -> list[dict]:
+    """Each entry's record (or error record) in its attempt folder: the store, not the workers, is the truth.
+    An entry without either that another run (not `holder`) has claimed is `in_progress`."""
+
+    def read(entry: Entry) -> dict:
+        for name in (RECORD_FILE, ERROR_FILE):
+            try:
+                return json.loads(store.read_bytes(f"{entry.folder}/{name}"))
+            except StorageError:
+                continue
+        holding = live_claim(store, entry.folder)
+        if holding and holding["holder"] != holder:  # another run of the batch is editing it now
+            return in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt, folder=entry.folder,
+                                      input_uri=entry.image, target_text=entry.target_text, holder=holding)
+        return failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
+                              target_text=entry.target_text, reason="not_run", attempt=entry.attempt,
+                              message="no record after the batch (worker lost?); a re-run of the batch redoes it")
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(read, entries))

@@ -1,0 +1,59 @@
+"""The built-in models, in one table: what `--model toy` and friends are, for every layer that asks.
+
+Config reads a model's family (which preset table applies), loading reads where its weights come from,
+the CLI lists the names, and the batch layer asks whether the toy oracle can read its outputs. Plain data:
+no torch, so `imagic --help` and manifest validation stay instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Family = Literal["single", "cascade"]
+CASCADE_SEPARATOR = "+"  # a cascade is written `base+super_resolution`
+CASCADE_FOLDERS = ("base", "super_resolution")  # a cascade saved as one folder: its two pipelines side by side
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    family: Family
+    description: str
+    # Trained and shipped in the package (`imagic/toy/<package_folder>/`), or built in code by `builder`
+    # (`imagic.toy.tiny.<builder>`) with random weights on first use.
+    package_folder: str | None = None
+    training_script: str | None = None  # `python -m imagic.toy.<script>` rebuilds the shipped weights
+    builder: str | None = None
+    oracle: bool = False  # drawn from the toy world: `imagic.toy.measure` reads its outputs (toy metrics)
+
+    @property
+    def folders(self) -> tuple[str, ...]:
+        """The pipeline folders inside its directory: one at the root, or a cascade's two."""
+        return CASCADE_FOLDERS if self.family == "cascade" else ("",)
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {model.name: model for model in (
+    BuiltinModel("toy", "single", "SD-architecture, trained on the toy world (the default)", package_folder="model",
+                 training_script="train", oracle=True),
+    BuiltinModel("toy-if", "cascade", "DeepFloyd-IF-shaped cascade, trained on the toy world",
+                 package_folder="cascade", training_script="train_cascade", oracle=True),
+    BuiltinModel("tiny", "single", "SD-shaped, random weights (plumbing tests)", builder="build_tiny_pipeline"),
+    BuiltinModel("tiny-xl", "single", "SDXL-shaped, random weights", builder="build_tiny_xl_pipeline"),
+    BuiltinModel("tiny-if", "cascade", "DeepFloyd-IF-cascade-shaped, random weights", builder="build_tiny_if_cascade"),
+)}
+DEFAULT_MODEL = "toy"  # what runs when no model is named
+
+
+def model_family(model: str | None) -> Family:
+    """`cascade` for a model written base+super_resolution (or a built-in cascade), else `single`: what
+    decides which preset table an entry's preset comes from. No I/O: the load checks the rest."""
+    model = model or DEFAULT_MODEL
+    if CASCADE_SEPARATOR in model:
+        return "cascade"
+    return BUILTIN_MODELS[model].family if model in BUILTIN_MODELS else "single"
+
+
+def has_oracle(model: str) -> bool:
+    """Whether the toy oracle can read this model's outputs (a model trained on the toy world)."""
+    return model in BUILTIN_MODELS and BUILTIN_MODELS[model].oracle

@@ -1,0 +1,228 @@
+"""One UNet with its noise schedule: what it predicts, how it is trained on one image, and guidance.
+
+An `Editor` is the denoiser of its pipeline's base UNet plus the text encoders and the three stages; a
+cascade's super-resolution model is a second denoiser (imagic/engine/cascade.py) that the editor holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from imagic.engine.config import EditConfig
+from imagic.engine.loading import scheduler_config
+from imagic.engine.sampling import training_target
+from imagic.engine.tensors import weight_bytes
+from imagic.engine.weights import UNetWeights, finetune_bytes
+
+# (stage, step, total_steps, loss): how the engine reports progress without knowing who listens.
+ProgressCallback = Callable[[str, int, int, float], None]
+LORA_TARGET_EXAMPLES = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in")
+
+
+class Deadline:
+    """The time limit of one edit (a `time.monotonic()` value, or None), shared by every model it trains."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def check(self) -> None:
+        if self.at is not None and time.monotonic() > self.at:
+            raise TimeoutError("the edit ran past its time limit")
+
+
+class Denoiser:
+    def __init__(self, unet, scheduler, device: torch.device, deadline: Deadline | None = None):
+        self.unet, self.scheduler, self.device = unet, scheduler, device
+        self.unet.requires_grad_(False)
+        # Training uses the checkpoint's own noise schedule; rendering uses DDIM on the same betas, with
+        # the SD-correct values for what the checkpoint's scheduler config leaves out.
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config(scheduler))
+        self.weights = UNetWeights(unet)
+        self.deadline = deadline or Deadline()
+
+    # ------------------------------------------------------------------ predictions
+
+    def unet_inputs(self, x: torch.Tensor, embedding: torch.Tensor) -> dict:
+        """The UNet's conditioning for samples `x` (n, C, h, w) and an embedding (1 or n rows)."""
+        return {"encoder_hidden_states": embedding.expand(x.shape[0], -1, -1)}
+
+    def predict(self, x: torch.Tensor, t, embedding: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction (ε, v or x0, as its scheduler says) for latents `x` at timestep(s) `t`."""
+        output = self.unet(x, t, **self.unet_inputs(x, embedding)).sample
+        if output.shape[1] == 2 * x.shape[1]:
+            # A learned-variance UNet (DeepFloyd IF: 6 channels for 3) predicts the variance too; the loss and
+            # DDIM use the prediction only, as diffusers' own IF fine-tuning scripts do.
+            output = output[:, : x.shape[1]]
+        return output
+
+    def guided_prediction(self, x, t, cond, uncond, config: EditConfig, base_state=None) -> torch.Tensor:
+        """Classifier-free guidance; the unconditional branch from the fine-tuned or the base UNet."""
+        with self.autocast(config):
+            if config.unconditional_model == "finetuned":
+                both = self.predict(torch.cat([x, x]), t, torch.cat([uncond, cond]))
+                uncond_pred, cond_pred = both.float().chunk(2)
+            else:
+                cond_pred = self.predict(x, t, cond).float()
+                uncond_pred = self.base_prediction(x, t, uncond, base_state).float()
+        return uncond_pred + config.guidance_scale * (cond_pred - uncond_pred)
+
+    def base_prediction(self, x, t, embedding, base_state) -> torch.Tensor:
+        """The UNet's output as it was before this edit's fine-tune (LoRA off, or the base weights)."""
+        if self.weights.has_lora:
+            self.unet.disable_adapters()
+            try:
+                return self.predict(x, t, embedding)
+            finally:
+                self.unet.enable_adapters()
+        if base_state is None:  # nothing was fine-tuned
+            return self.predict(x, t, embedding)
+        return torch.func.functional_call(self.unet, base_state, (x, t), self.unet_inputs(x, embedding)).sample
+
+    # ------------------------------------------------------------------ training on one image
+
+    def finetune(
+        self,
+        latents: torch.Tensor,
+        embedding: torch.Tensor,
+        config: EditConfig,
+        generator: torch.Generator,
+        callback: ProgressCallback | None = None,
+    ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
+        """Stage B: fit the UNet (all weights, or LoRA) to the image at `embedding`, held fixed.
+
+        Leaves the fine-tuned weights in place for rendering and returns (weight delta, losses); see
+        `UNetWeights.trained_delta`. `weights.restore()` undoes it.
+        """
+        params = self.weights.trainable(config)
+        losses = self.optimize("finetune", params, config.finetune_lr, config.finetune_steps, latents,
+                               embedding.detach(), config, generator, callback)
+        return self.weights.trained_delta(config), losses
+
+    def training_draws(self, latents: torch.Tensor, steps: int, config: EditConfig,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every step's noise and timesteps, drawn up front from the seeded CPU generator in the order the
+        steps use them (so results do not depend on the device), then moved to the device at once."""
+        batch, shape = config.train_batch_size, latents.shape[1:]
+        noises, timesteps = [], []
+        for _ in range(steps):
+            noises.append(torch.randn((batch, *shape), generator=generator))
+            timesteps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,),
+                                           generator=generator))
+        return torch.stack(noises).to(self.device), torch.stack(timesteps).to(self.device)
+
+    def denoising_loss(self, latents: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor,
+                       timesteps: torch.Tensor, config: EditConfig) -> torch.Tensor:
+        """MSE between the UNet's prediction and its target for one step's draws (noise (B, C, h, w), t (B,))."""
+        x0 = latents.expand(noise.shape)
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+        target = training_target(self.noise_scheduler, x0, noise, timesteps)
+        with self.autocast(config):
+            prediction = self.predict(noisy, timesteps, embedding)
+        return F.mse_loss(prediction.float(), target.float())
+
+    def optimize(self, stage, params, lr, steps, latents, embedding, config: EditConfig, generator,
+                 callback) -> list[float]:
+        """Adam on `params` for `steps` steps of the denoising loss; returns the per-step losses.
+
+        Losses stay on the device and are read back every `loss_readback_steps` steps: a read waits for
+        the GPU, and nothing else in the loop does."""
+        if steps == 0:
+            return []
+        noises, timesteps = self.training_draws(latents, steps, config, generator)
+        optimizer = adam(params, lr, config, self.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.precision(config) == "fp16")
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        losses: list[torch.Tensor] = []
+        try:
+            for step in range(1, steps + 1):
+                loss = self.denoising_loss(latents, embedding, noises[step - 1], timesteps[step - 1], config)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
+                self.deadline.check()
+                if callback is not None and (step % config.loss_readback_steps == 0 or step == steps):
+                    callback(stage, step, steps, losses[-1].item())
+        finally:
+            if config.gradient_checkpointing:
+                self.unet.disable_gradient_checkpointing()
+        return torch.stack(losses).tolist()
+
+    # ------------------------------------------------------------------ the base weights, back after each edit
+
+    def apply_delta(self, delta: dict[str, torch.Tensor], config: EditConfig) -> None:
+        """Put an edit's fine-tuned weights in place (to render a saved edit again)."""
+        self.weights.apply_delta(delta, config)
+
+    def restore(self) -> None:
+        """Base weights back, bit for bit, and no LoRA layers left."""
+        self.weights.restore()
+
+    def recover(self) -> None:
+        """After a failed edit: the model exactly as it was loaded, and the GPU's cached memory freed, so
+        that the next entry runs as if on a fresh worker."""
+        self.weights.recover()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ requests, memory, precision
+
+    def check_lora_targets(self, config: EditConfig) -> None:
+        if config.finetune_method != "lora":
+            return
+        # peft fails only after it has started wrapping modules: name the targets it would miss first.
+        names = [name for name, _ in self.unet.named_modules()]
+        missing = [t for t in config.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise ValueError(f"lora_target_modules {missing} name no module of this UNet "
+                             f"(e.g. {', '.join(LORA_TARGET_EXAMPLES)})")
+
+    def unet_memory_needs(self, config: EditConfig) -> dict[str, int]:
+        """Bytes the UNet holds besides activations: its fp32 weights, and for a full fine-tune its
+        gradients, base snapshot and Adam's two moments (fp32, or 1 byte each with 8-bit Adam)."""
+        weights = weight_bytes(self.unet)
+        training = finetune_bytes(self.unet, config) - weights if config.finetune_method == "full" else 0
+        return {"unet weights": weights, "unet training": training}
+
+    def precision(self, config: EditConfig) -> str:
+        """`auto`: bf16 on CUDA (the fast path), fp32 elsewhere."""
+        if config.mixed_precision == "auto":
+            return "bf16" if self.device.type == "cuda" else "no"
+        return config.mixed_precision
+
+    def autocast(self, config: EditConfig):
+        precision = self.precision(config)
+        if precision == "no":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+
+def adam(params: list[torch.Tensor], lr: float, config: EditConfig, device: torch.device) -> torch.optim.Optimizer:
+    if not config.use_8bit_adam:
+        # Fused: one kernel for every parameter (CUDA); the default foreach kernels elsewhere.
+        return torch.optim.Adam(params, lr=lr, fused=True if config.fused_adam and device.type == "cuda" else None)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise ValueError("use_8bit_adam needs bitsandbytes: pip install 'imagic-batch[cuda]'") from err
+    return bnb.optim.Adam8bit(params, lr=lr)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for fp32 matmuls and convolutions on CUDA while an edit runs; the caller's settings after."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

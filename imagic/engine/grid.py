@@ -1,0 +1,51 @@
+"""The η and seed rules, once: the manifest, the config checks, the CLI, the JSON Schema and the render
+all use these.
+
+η interpolates the two embeddings, ē = η·e_tgt + (1−η)·e_opt: η = 0 is e_opt (it reconstructs the input),
+η = 1 the target text's own embedding; peers extrapolate a little past 1 (~1.2).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
+
+ETA_MIN, ETA_MAX = 0.0, 2.0
+DEFAULT_ETAS = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # wide: the selection picks (README, toy benchmark)
+DEFAULT_SEEDS = (0,)
+
+
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError("must not repeat")
+    return values
+
+
+Etas = Annotated[list[Annotated[float, Field(ge=ETA_MIN, le=ETA_MAX)]],
+                 Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_distinct)]
+Seeds = Annotated[list[Annotated[int, Field(ge=0)]],
+                  Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_distinct)]
+GRID_MESSAGES = {"etas": f"must be a non-empty list of distinct numbers in [{ETA_MIN:g}, {ETA_MAX:g}]",
+                 "seeds": "must be a non-empty list of distinct non-negative integers"}
+_GRID = {"etas": TypeAdapter(Etas), "seeds": TypeAdapter(Seeds)}
+
+
+def check_grid(etas, seeds) -> None:
+    """Raise ValueError (`etas: must be …`) when the η grid or the seeds break the rules above."""
+    for name, values in (("etas", etas), ("seeds", seeds)):
+        try:
+            _GRID[name].validate_python(list(values), strict=False)
+        except ValidationError:
+            raise ValueError(f"{name}: {GRID_MESSAGES[name]}, got {list(values)}") from None
+
+
+def check_image_etas(etas, scored: bool) -> list[float]:
+    """The η rendered beside the outputs and dropped after scoring: η = 0, to ask whether the edit still
+    holds the input (none when the outputs are not scored, or when η = 0 is an output already)."""
+    return [] if not scored or 0.0 in etas else [0.0]
+
+
+def interpolate(e_tgt, e_opt, eta: float):
+    """ē = η·e_tgt + (1−η)·e_opt: η=0 is exactly e_opt (the input image), η=1 exactly e_tgt."""
+    return eta * e_tgt + (1.0 - eta) * e_opt

@@ -1,0 +1,243 @@
+"""One small storage interface: local folders and S3-compatible stores (AWS, MinIO).
+
+Keys are POSIX paths relative to the store's root (`<entry_id>/record.json`). Writes are atomic: a
+reader sees a whole object or none, so a finished-looking output is never half-written.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+
+class StorageError(OSError):
+    """A read or write that failed, with a reason a person can act on (never credentials).
+
+    `transient` says whether trying again can help (a 503, a dropped connection) or not (a missing file,
+    no such bucket, access denied): callers retry only the former.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Worth retrying: a transient StorageError (not a missing object, a bad URI or a validation error)."""
+    return isinstance(error, StorageError) and error.transient
+
+
+# S3 error codes that say the request itself is wrong: retrying cannot help.
+_PERMANENT_S3_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDenied", "403", "InvalidAccessKeyId",
+                       "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled", "PreconditionFailed"}
+# Objects are readable by the group and others, as a web server or a colleague expects (not mkstemp's 0600).
+FILE_MODE = 0o644
+
+
+class Storage(Protocol):
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        """Write `data`; with `if_absent`, only if nothing is there yet. True if this call wrote it."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    def url_for(self, key: str) -> str: ...
+
+    def share_url(self, key: str, expires_s: int = ...) -> str:
+        """A link a browser can open (a presigned URL for S3)."""
+        ...
+
+
+def _resolve(key: str) -> str:
+    path = PurePosixPath(key)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ValueError(f"storage key {key!r} must be a relative path without '..'")
+    return path.as_posix()
+
+
+class LocalStorage:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _resolve(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot read ({err.strerror or err})") from err
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(partial, FILE_MODE & ~_UMASK)
+            if if_absent:
+                try:
+                    os.link(partial, path)  # atomic create-if-absent
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(partial, path)
+            return True
+        finally:
+            Path(partial).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                      if p.is_file() and not p.name.endswith(".partial"))
+
+    def url_for(self, key: str) -> str:
+        return str(self._path(key))
+
+    def share_url(self, key: str, expires_s: int = 0) -> str:
+        """A link a browser on this machine opens."""
+        return self._path(key).resolve().as_uri()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # once, at import: os.umask can only be read by setting it
+
+
+class S3Storage:
+    """boto3 with botocore `standard` retries; path-style addressing when an endpoint is set (MinIO).
+
+    Credentials and endpoint come from the usual AWS sources (env, profile, role); `AWS_ENDPOINT_URL`
+    points it at MinIO or another S3-compatible store.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client=None):
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+                # MinIO and older S3-compatible stores reject the newer default CRC checksums.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+        return self._client
+
+    def _key(self, key: str) -> str:
+        key = _resolve(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, action: str, where: str, err: Exception) -> StorageError:
+        """The real cause (no bucket, access denied, a 503 after retries), never the credentials."""
+        error = getattr(err, "response", {}).get("Error", {})
+        code = error.get("Code", type(err).__name__)
+        detail = f"{code}: {error['Message']}" if error.get("Message") else code
+        if code == "NoSuchBucket":
+            detail = f"no bucket {self.bucket!r} at {self.endpoint_url or 'AWS'}"
+        return StorageError(f"s3://{self.bucket}/{where}: cannot {action} ({detail})",
+                            transient=code not in _PERMANENT_S3_CODES)
+
+    def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                response["Body"].close()
+                raise StorageError(f"s3://{self.bucket}/{self._key(key)}: {response['ContentLength']:,} bytes, "
+                                   f"over the limit of {max_bytes:,}")
+            return response["Body"].read()
+        except StorageError:
+            raise
+        except Exception as err:  # botocore's ClientError, connection errors, …
+            raise self._error("read", self._key(key), err) from err
+
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        # A ContentType, so that a browser shows the index, images and JSON instead of downloading them.
+        content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        if key.endswith(".jsonl"):
+            content_type = "application/jsonl"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
+                                   **extra)
+            return True
+        except Exception as err:
+            code = getattr(err, "response", {}).get("Error", {}).get("Code")
+            if if_absent and code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+                return False
+            raise self._error("write", self._key(key), err) from err
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except Exception as err:
+            if getattr(err, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise self._error("check", self._key(key), err) from err
+
+    def download(self, key: str, path: Path) -> None:
+        """Stream one object to a file (boto3's managed, multipart transfer: for multi-GB weights)."""
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(partial))
+            os.replace(partial, path)
+        except Exception as err:
+            partial.unlink(missing_ok=True)
+            raise self._error("download", self._key(key), err) from err
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        keys = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
+        except Exception as err:
+            raise self._error("list", full, err) from err
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[strip:] for k in keys)
+
+    def url_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    def share_url(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A presigned GET link a browser opens without credentials (7 days: the SigV4 maximum)."""
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
+                                                  ExpiresIn=expires_s)
+
+
+def open_storage(uri: str) -> Storage:
+    """`s3://bucket/prefix` → S3Storage; `file://…` or a path → LocalStorage."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        return S3Storage(bucket, prefix)
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported storage URI {uri!r}; use a path, file:// or s3://")
+    return LocalStorage(uri.removeprefix("file://"))

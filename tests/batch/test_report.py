@@ -1,0 +1,95 @@
+"""The report of the whole batch: every status, runs kept, links that resolve, and the outputs as a dataset
+that pandas and `datasets` read in one line."""
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+from imagic.batch.run import run_entry
+from imagic.batch.outputs import BATCHES, failure_record
+from imagic.batch.manifest import parse_manifest
+from imagic.batch.report import batch_report, write_report
+from imagic.io.storage import LocalStorage
+
+from tests.conftest import QUICK, draw_scene
+
+
+
+@pytest.fixture(scope="module")
+def finished(editor, tmp_path_factory):
+    """A store with two finished entries (one of them on its second attempt) and the records of a run."""
+    root = tmp_path_factory.mktemp("report")
+    draw_scene().save(root / "a.png")
+    draw_scene(color=(20, 160, 20)).save(root / "b.png")
+    rows = [{"defaults": {"etas": [0.8, 1.2], "seeds": [0, 1], "overrides": QUICK}},
+            {"id": "a", "image": str(root / "a.png"), "target_text": "a blue circle"},
+            {"id": "b", "image": str(root / "b.png"), "target_text": "a red circle"}]
+    a, b = parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")
+    store = LocalStorage(root / "out")
+    first_a = run_entry(editor, a, store, model="tiny")
+    record_b = run_entry(editor, b.model_copy(update={"attempt": 2}), store, model="tiny")
+    failed = failure_record(entry_id="c", line=4, input_uri="missing.png", target_text="x",
+                            reason="input_unreadable", message="missing.png: cannot read")
+    records = [{**first_a, "status": "finished_before"}, record_b, failed,
+               {**first_a, "entry_id": "d", "status": "changed", "changes": ["model"]}]
+    return store, records
+
+
+def test_the_report_lists_every_entry_with_what_a_user_needs(finished):
+    store, records = finished
+    report = batch_report("b1", records, seconds=2.0, run={"run_id": "r-1", "run_name": "run-1", "model": "tiny"})
+    assert report["counts"] | {"selected": 0, "needs_review": 0} == {
+        "total": 4, "succeeded": 1, "failed": 1, "skipped": 1, "changed": 1, "failed_before": 0, "in_progress": 0,
+        "selected": 0, "needs_review": 0}
+    assert report["counts"]["selected"] + report["counts"]["needs_review"] == 3  # every finished row has a verdict
+    rows = {row["entry_id"]: row for row in report["entries"]}
+    assert rows["b"]["folder"] == "b@v2" and rows["b"]["attempt"] == 2 and rows["b"]["target_text"] == "a red circle"
+    assert rows["a"]["model"] == "tiny" and rows["a"]["input"].endswith("a.png") and rows["a"]["contact_sheet"]
+    assert rows["c"]["reason"] == "input_unreadable" and rows["d"]["changes"] == ["model"]
+    assert report["changed"] == [{"entry_id": "d", "changes": ["model"]}]
+    assert report["run_id"] == "r-1" and report["created_at"]
+
+
+def test_reports_of_earlier_runs_are_kept_and_links_resolve(finished):
+    store, records = finished
+    for run_name in ("run-1", "run-2"):
+        write_report(store, batch_report("b1", records, seconds=1.0, run={"run_name": run_name}),
+                     {r["entry_id"]: r for r in records})
+    runs = {key.split("/")[3] for key in store.list(f"{BATCHES}/b1/runs/")}
+    assert runs == {"run-1", "run-2"}
+    assert json.loads(store.read_bytes(f"{BATCHES}/b1/report.json"))["run_name"] == "run-2"
+    for page in (f"{BATCHES}/b1/index.html", f"{BATCHES}/b1/runs/run-1/index.html"):
+        html = store.read_bytes(page).decode()
+        links = re.findall(r'src="([^"]+)"', html)
+        assert links and all((store.root / Path(page).parent / link).resolve().is_file() for link in links)
+        assert "b@v2/contact_sheet.png" in html and "input_unreadable" in html
+    shared = store.read_bytes(f"{BATCHES}/b1/runs/run-2/index.shared.html").decode()
+    links = re.findall(r'src="([^"]+)"', shared)
+    assert links and all(Path(unquote(link.removeprefix("file://"))).is_file() for link in links)
+
+
+def test_the_outputs_load_as_a_dataset_in_one_line(finished):
+    store, records = finished
+    write_report(store, batch_report("b1", records, seconds=1.0, run={"run_name": "run-3"}),
+                 {r["entry_id"]: r for r in records})
+    import pandas as pd
+
+    table = pd.read_parquet(store.root / BATCHES / "b1" / "edits.parquet")
+    # a: 2 η × 2 seeds, b: 4, c (failed): 1 row without image, d (changed): 4
+    assert len(table) == 13 and set(table["status"]) == {"finished_before", "succeeded", "failed", "changed"}
+    images = table.dropna(subset=["image_uri"])
+    assert all(Path(uri).is_file() for uri in images["image_uri"])
+    assert set(images.loc[images.entry_id == "b", "file_name"]) == {
+        f"b@v2/eta-{e}_seed-{s}.png" for e in ("0.80", "1.20") for s in (0, 1)}
+    assert images["edit"].notna().all() and images["selected"].sum() <= 3
+    assert table.loc[table.entry_id == "c", "error_reason"].item() == "input_unreadable"
+
+    from datasets import load_dataset
+
+    dataset = load_dataset("imagefolder", data_dir=str(store.root), split="train")
+    # the outputs that answer the manifest now: a (finished before) and b; not d's (changed) nor c (failed)
+    assert len(dataset) == 8 and {"image", "target_text", "eta", "seed", "selected"} <= set(dataset.features)
+    assert dataset[0]["image"].size == (32, 32)

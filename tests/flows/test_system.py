@@ -1,0 +1,154 @@
+"""The real deployment path: a `prefect server` process, a `process` work pool with a worker process,
+the `edit-chunk` deployment registered to it, and `imagic run --mode deployment` into S3 over HTTP.
+
+Slow-ish (~2 min): every chunk run is a fresh Python process, as it is on Kubernetes.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import REPO, LocalCluster, stop, wait_until
+
+from tests.conftest import QUICK, draw_scene
+
+POOL = "system-test-pool"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_endpoint):
+    """prefect server + process work pool + the edit-chunk deployment; S3 is conftest's moto server."""
+    s3_env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+              "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1",
+              # deployment mode reads only s3:// inputs unless the operator allows more; these are local files
+              "IMAGIC_ALLOWED_INPUTS": "s3://,file:"}
+    with LocalCluster(tmp_path_factory.mktemp("prefect-home"), s3_env, pool=POOL) as cluster:
+        s3_client(cluster).create_bucket(Bucket="batch")
+        yield cluster
+
+
+def imagic_run(cluster, manifest: Path, output: str, tiny_dir) -> subprocess.Popen:
+    args = [sys.executable, "-m", "imagic", "run", str(manifest), "--output", output, "--mode", "deployment",
+            "--model", str(tiny_dir), "--chunk-size", "1", "--max-in-flight", "2"]
+    return subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=REPO)
+
+
+def finish(process: subprocess.Popen, timeout: float = 400) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def write_manifest(folder: Path, count: int, extra: list[dict] = ()) -> Path:
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    rows = [{"defaults": {"etas": [0.5, 1.0], "overrides": QUICK}}]
+    for i in range(count):
+        draw_scene(colours[i % 4], size=48 + 8 * i).save(folder / f"in-{i}.png")
+        rows.append({"id": f"e{i}", "image": str(folder / f"in-{i}.png"), "target_text": "a blue circle"})
+    rows += extra
+    path = folder / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def s3_objects(cluster, prefix: str) -> dict[str, str]:
+    """key → ETag under s3://batch/<prefix>/."""
+    pages = s3_client(cluster).get_paginator("list_objects_v2").paginate(Bucket="batch", Prefix=prefix + "/")
+    return {o["Key"][len(prefix) + 1:]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def chunk_runs(cluster) -> list:
+    """Every edit-chunk flow run the server knows."""
+    out = subprocess.run([sys.executable, "-c", LIST_RUNS], env=cluster.env, check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+LIST_RUNS = """
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["edit-chunk"])))
+print(json.dumps([[str(r.id), r.state.type.value if r.state else None] for r in runs]))
+"""
+
+
+def records(objects: dict) -> set[str]:
+    return {key.split("/")[0] for key in objects if key.endswith("/record.json") and key.count("/") == 1}
+
+
+def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, tiny_dir):
+    missing = {"id": "missing", "image": "s3://batch/inputs/nope.png", "target_text": "a blue circle"}
+    manifest = write_manifest(tmp_path, 3, extra=[missing])
+    worker = cluster.start_worker("worker-a")
+    try:
+        output = finish(imagic_run(cluster, manifest, "s3://batch/full", tiny_dir))
+        assert "3 succeeded, 1 failed, 0 skipped" in output
+        objects = s3_objects(cluster, "full")
+        assert records(objects) == {"e0", "e1", "e2"}
+        assert {"e0/eta-0.50_seed-0.png", "e0/eta-1.00_seed-0.png", "e0/contact_sheet.png",
+                "e0/artifacts/embeddings.safetensors", "missing/error.json"} <= set(objects)
+        error = json.loads(_get(cluster, "full/missing/error.json"))["error"]
+        assert error["reason"] == "input_unreadable" and "test-secret" not in json.dumps(error)
+        leaked = [k for k in objects if k.endswith(".json") and b"test-secret" in _get(cluster, f"full/{k}")]
+        leaked += [p.name for p in cluster.home.glob("*.log") if "test-secret" in p.read_text(errors="replace")]
+        assert not leaked  # no credentials in records, reports or the server's and worker's logs
+        runs_after_first = chunk_runs(cluster)
+        assert len(runs_after_first) == 4 and {state for _, state in runs_after_first} == {"COMPLETED"}
+
+        output = finish(imagic_run(cluster, manifest, "s3://batch/full", tiny_dir))
+        # Only the failed entry is tried again; the finished ones are neither recomputed nor rewritten.
+        assert "0 succeeded, 1 failed, 3 skipped" in output
+        assert len(chunk_runs(cluster)) == len(runs_after_first) + 1
+        again = s3_objects(cluster, "full")
+        assert {k: v for k, v in again.items() if not k.startswith(("_batches", "missing"))} == \
+               {k: v for k, v in objects.items() if not k.startswith(("_batches", "missing"))}
+    finally:
+        stop(worker)
+
+
+def test_killing_the_worker_mid_batch_then_rerunning_loses_and_duplicates_nothing(cluster, tmp_path, tiny_dir):
+    manifest = write_manifest(tmp_path, 4)
+    worker = cluster.start_worker("worker-b")
+    parent = imagic_run(cluster, manifest, "s3://batch/killed", tiny_dir)
+    try:
+        first = wait_until(lambda: records(s3_objects(cluster, "killed")), 300, "the first record", 0.2)
+    finally:
+        stop(worker, signal.SIGKILL)  # the worker and its running chunk, mid-batch
+        stop(parent, signal.SIGKILL)  # a parent waiting on a dead child never returns: the batch died
+    before = s3_objects(cluster, "killed")
+    assert first <= records(before) < {"e0", "e1", "e2", "e3"}
+
+    worker = cluster.start_worker("worker-c")
+    try:
+        output = finish(imagic_run(cluster, manifest, "s3://batch/killed", tiny_dir))
+    finally:
+        stop(worker)
+    after = s3_objects(cluster, "killed")
+    done_before = records(before)
+    assert f"{4 - len(done_before)} succeeded, 0 failed, {len(done_before)} skipped" in output
+    assert records(after) == {"e0", "e1", "e2", "e3"}
+    assert not [k for k in after if k.endswith("error.json")]
+    for entry in done_before:  # finished before the kill: untouched
+        assert after[f"{entry}/record.json"] == before[f"{entry}/record.json"]
+    report_key = next(k for k in after if k.endswith("report.json"))
+    report = json.loads(_get(cluster, f"killed/{report_key}"))
+    assert sorted(r["entry_id"] for r in report["entries"]) == ["e0", "e1", "e2", "e3"]  # the whole batch
+    assert sorted(r["entry_id"] for r in report["entries"] if r["status"] == "finished_before") == sorted(done_before)
+
+
+def _get(cluster, key: str) -> bytes:
+    return s3_client(cluster).get_object(Bucket="batch", Key=key)["Body"].read()
+
+
+def s3_client(cluster):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=cluster.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                        aws_access_key_id="test-key", aws_secret_access_key="test-secret")
