@@ -20,7 +20,7 @@ class BuiltinModel:
     name: str
     family: Family
     description: str
-    # Trained and shipped in the package (`imagic/toy/<package_folder>/`), or built in code by `builder`
+    # Trained and shipped in the package (`imagic/<package_folder>/`), or built in code by `builder`
     # (`imagic.toy.tiny.<builder>`) with random weights on first use.
     package_folder: str | None = None
     training_script: str | None = None  # `python -m imagic.toy.<script>` rebuilds the shipped weights
@@ -34,10 +34,10 @@ class BuiltinModel:
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {model.name: model for model in (
-    BuiltinModel("toy", "single", "SD-architecture, trained on the toy world (the default)", package_folder="model",
+    BuiltinModel("toy", "single", "SD-architecture, trained on the toy world (the default)", package_folder="toy/model",
                  training_script="train", oracle=True),
     BuiltinModel("toy-if", "cascade", "DeepFloyd-IF-shaped cascade, trained on the toy world",
-                 package_folder="cascade", training_script="train_cascade", oracle=True),
+                 package_folder="toy/cascade", training_script="train_cascade", oracle=True),
     BuiltinModel("tiny", "single", "SD-shaped, random weights (plumbing tests)", builder="build_tiny_pipeline"),
     BuiltinModel("tiny-xl", "single", "SDXL-shaped, random weights", builder="build_tiny_xl_pipeline"),
     BuiltinModel("tiny-if", "cascade", "DeepFloyd-IF-cascade-shaped, random weights", builder="build_tiny_if_cascade"),

@@ -77,7 +77,7 @@ def resolve_model(model: str) -> str:
 def builtin_folders(builtin: BuiltinModel) -> list[Path]:
     """The pipeline folders of a built-in model: shipped in the package, or built in code once into the cache."""
     if builtin.package_folder is not None:
-        directory = Path(__file__).parents[1] / "toy" / builtin.package_folder
+        directory = Path(__file__).parents[1] / builtin.package_folder
         if not all((directory / part / "model_index.json").is_file() for part in builtin.folders):
             raise ModelError(f"the {builtin.name} model is not in this installation ({directory}); "
                              f"train it with: python -m imagic.toy.{builtin.training_script}")

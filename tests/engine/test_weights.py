@@ -1,0 +1,62 @@
+"""One UNet's weights across edits: what stage B trains and how every edit gives the base weights back."""
+
+import pytest
+import torch
+
+from imagic.engine.weights import UNetWeights, finetune_bytes
+
+
+@pytest.fixture
+def weights(editor):
+    return UNetWeights(editor.unet)
+
+
+def state(unet):
+    return {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def test_lora_trains_adapters_only_and_leaves_nothing_behind(weights, quick_config):
+    before = state(weights.unet)
+    params = weights.trainable(quick_config("fast", lora_rank=2))
+    assert weights.modified and weights.has_lora and params and all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        params[0].add_(1.0)
+    delta = weights.trained_delta(quick_config("fast", lora_rank=2))
+    assert delta and all("lora_" in name for name in delta)
+    weights.restore()
+    assert not weights.modified and not weights.has_lora
+    assert all(torch.equal(before[k], v) for k, v in weights.unet.state_dict().items())
+
+
+def test_a_full_delta_applied_again_is_the_trained_weights(weights, quick_config):
+    config = quick_config("community")  # save_full_delta: the quick config keeps it
+    before = state(weights.unet)
+    params = weights.trainable(config)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01)
+    trained = state(weights.unet)
+    delta = weights.trained_delta(config)
+    weights.restore()
+    assert all(torch.equal(before[k], v) for k, v in weights.unet.state_dict().items())
+    weights.apply_delta(delta, config)
+    assert all(torch.allclose(trained[k], v) for k, v in weights.unet.state_dict().items())
+    weights.restore()
+    with pytest.raises(ValueError, match="does not fit"):
+        weights.apply_delta({"nope": torch.zeros(1)}, config)
+    weights.recover()
+
+
+def test_recover_strips_half_added_adapters(weights, quick_config, monkeypatch):
+    before = state(weights.unet)
+    weights.add_lora(quick_config("fast", lora_rank=2))
+    weights.unet.peft_config = {}  # as if add_adapter failed before registering its config
+    weights.recover()
+    assert not any("lora" in name for name, _ in weights.unet.named_modules())
+    assert weights.unet.state_dict().keys() == before.keys()
+
+
+def test_a_full_fine_tune_holds_weights_gradients_snapshot_and_adam(editor, quick_config):
+    n = sum(p.numel() for p in editor.unet.parameters())
+    assert finetune_bytes(editor.unet, quick_config("paper")) == n * 20
+    assert finetune_bytes(editor.unet, quick_config("paper", use_8bit_adam=True)) == n * 14
