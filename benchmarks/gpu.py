@@ -87,7 +87,7 @@ def build_cascade(config: dict, device: str):
         text_encoder = T5EncoderModel(T5Config(**config["text_encoder"]))
         unet, sr_unet = UNet2DConditionModel(**config["unet"]), UNet2DConditionModel(**config["super_resolution_unet"])
     if device.startswith("cuda"):
-        text_encoder.to(torch.bfloat16)  # as imagic.models.load_pipeline loads IF's T5 on CUDA
+        text_encoder.to(torch.bfloat16)  # as imagic.engine.loading.load_pipeline loads IF's T5 on CUDA
     scheduler = {k: v for k, v in config["scheduler"].items() if k != "_class_name"}
     sr_scheduler = {k: v for k, v in config["super_resolution_scheduler"].items() if k != "_class_name"}
     none = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)

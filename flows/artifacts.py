@@ -12,6 +12,7 @@ from imagic.batch.outputs import SHEET_FILE
 # Above this share of the manifest's entries failing, the flow run ends Failed so that automations alert.
 MAX_FAILURE_FRACTION = 0.5
 GALLERY_SIZE = 24  # contact sheets shown in the Prefect UI: those that need a look first
+TABLE_ROWS = 500  # entries in the UI's table (100k rows would be the API's problem): failures, then reviews first
 
 
 class Progress:
@@ -46,7 +47,9 @@ def publish_report(report: dict, links: dict, share_url=None) -> None:
     """Table, summary and contact-sheet artifacts for the Prefect UI. `share_url(key)` makes the links a
     browser opens (presigned for S3); without it, the gallery is left out."""
     key = f"bulk-edit-{report['batch_id']}"
-    create_table_artifact(report["entries"], key=f"{key}-entries", description="one row per entry")
+    create_table_artifact(table_rows(report), key=f"{key}-entries",
+                          description=f"{min(TABLE_ROWS, len(report['entries']))} of {len(report['entries'])} entries, "
+                                      f"failed and needing review first; all in {links['report']}")
     counts = report["counts"]
     lines = [f"# Batch `{report['batch_id']}`", "",
              f"**{counts['succeeded']} succeeded · {counts['failed']} failed · {counts['skipped']} skipped · "
@@ -69,6 +72,14 @@ def publish_report(report: dict, links: dict, share_url=None) -> None:
     if share_url is not None:
         create_markdown_artifact(contact_sheet_gallery(report, share_url), key=f"{key}-contact-sheets",
                                  description="contact sheets, those that need review first")
+
+
+def table_rows(report: dict) -> list[dict]:
+    """At most TABLE_ROWS of the report's rows: the failed ones first, then those that need review."""
+    order = {"failed": 0, "not_run": 0, "in_progress": 1}
+    rows = sorted(report["entries"], key=lambda row: (order.get(row["status"], 2 if row.get("verdict") == "needs_review"
+                                                                               else 3)))
+    return rows[:TABLE_ROWS]
 
 
 def contact_sheet_gallery(report: dict, share_url) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -10,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from flows.bulk_edit import bulk_edit, final_state
 from flows.retry import STORAGE_RETRIES
 from imagic.batch.augment import augmentation_manifest, check_locations, dataset_images
+from imagic.batch.manifest import stage_manifest
 from imagic.io.storage import open_storage
 
 
@@ -21,10 +21,7 @@ def list_dataset(dataset_uri: str) -> list[str]:
 @task(**STORAGE_RETRIES)
 def write_manifest(text: str, output_uri: str) -> str:
     """Kept next to the outputs (content-addressed), so every batch can be audited and re-run."""
-    store = open_storage(output_uri)
-    key = f"_manifests/augment-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
-    store.write_bytes(key, text.encode(), if_absent=True)
-    return store.url_for(key)
+    return stage_manifest(open_storage(output_uri), "augment.jsonl", text)
 
 
 @flow(name="augment", log_prints=True)

@@ -13,7 +13,8 @@ from flows.artifacts import MAX_FAILURE_FRACTION, Progress, final_state, publish
 from flows.dispatch import EDIT_CHUNK_DEPLOYMENT, dispatch_deployments
 from flows.edit_chunk import load_editor, run_chunk
 from flows.retry import STORAGE_RETRIES
-from imagic.batch.manifest import Entry, Rejected, batch_model, detect_format, read_manifest_text, runnable, validate_manifest
+from imagic.batch.manifest import (Entry, Rejected, batch_model, detect_format, read_manifest_text, runnable,
+                                   stage_manifest, validate_manifest)
 from imagic.batch.outputs import batch_id_for
 from imagic.batch.plan import Plan, Redo, chunk, plan, plan_summary
 from imagic.batch.report import batch_report, run_info, run_records, write_report
@@ -30,10 +31,16 @@ def read_manifest(manifest_uri: str) -> str:
 
 
 @task(**STORAGE_RETRIES)
+def stage(manifest_uri: str, text: str, output_uri: str) -> str:
+    """The manifest where every pod can read it: a local one is copied into the output store."""
+    return stage_manifest(open_storage(output_uri), manifest_uri, text)
+
+
+@task(**STORAGE_RETRIES)
 def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, check_inputs: bool) -> Plan:
     """Resume by request: done, changed (not redone unless asked), failed, to do — see imagic.batch.plan."""
     return plan(entries, open_storage(output_uri), model=model, model_hash=known_model_sha256(model), redo=redo,
-                check_inputs=check_inputs)
+                rehash_inputs=check_inputs)
 
 
 @task(**STORAGE_RETRIES)
@@ -41,7 +48,8 @@ def report_batch(output_uri: str, batch_id: str, planned: Plan, rejected: list[R
                  started: float) -> tuple[dict, dict]:
     """Every entry of the manifest with what this run did with it: report, index, dataset (and their links)."""
     store = open_storage(output_uri)
-    records = run_records(planned, rejected=reject(store, rejected), edited=read_records(planned.todo, store, run["run_id"]),
+    records = run_records(planned, rejected=reject(store, rejected),
+                          edited=read_records(planned.todo, store, run["run_id"]),
                           failed_before=read_records(planned.failed, store))
     report = batch_report(batch_id, records, seconds=time.perf_counter() - started, run=run)
     return report, write_report(store, report, {r["entry_id"]: r for r in records})
@@ -68,9 +76,9 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
     started, holder = time.perf_counter(), str(prefect.runtime.flow_run.id)  # entries are claimed for this run
     settings = Settings.from_env("local")
     # 1. Read and validate (not retried: a file that cannot run stops here, every problem with its line), plan
-    entries, rejected, file_problems = validate_manifest(read_manifest(manifest_uri), detect_format(manifest_uri),
-                                                         preset=preset, overrides=overrides, model=model,
-                                                         settings=settings)
+    text = read_manifest(manifest_uri)
+    entries, rejected, file_problems = validate_manifest(text, detect_format(manifest_uri), preset=preset,
+                                                         overrides=overrides, model=model, settings=settings)
     entries = runnable(entries, rejected, file_problems)
     model = batch_model(entries, model)
     planned = plan_batch(entries, output_uri, model, Redo(redo), check_inputs)
@@ -85,9 +93,10 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
         for entries_of_chunk in chunks:
             run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder)
             progress.advance(len(entries_of_chunk))
-    elif mode == "deployment" and chunks:
-        source = {"manifest_uri": manifest_uri, "preset": preset, "overrides": overrides, "holder": holder}
-        dispatch_deployments(chunks, output_uri, model, device, max_in_flight, deployment, progress.advance, source)
+    elif mode == "deployment" and chunks:  # no pod reads the caller's disk: the manifest and chunks are in the store
+        get_run_logger().info("manifest staged at %s", stage(manifest_uri, text, output_uri))
+        dispatch_deployments(chunks, output_uri, batch_id, model, device, max_in_flight, deployment,
+                             progress.advance)
 
     # 3. Report: every entry of the manifest, whatever this run did with it
     run = run_info(holder, manifest_uri, output_uri, model, Redo(redo).value)

@@ -10,8 +10,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.retry import DISPATCH_RETRIES
-from imagic.batch.manifest import Entry
+from flows.retry import DISPATCH_RETRIES, STORAGE_RETRIES
+from imagic.batch.manifest import Entry, entries_jsonl
+from imagic.batch.outputs import chunk_slice_key
+from imagic.io.storage import open_storage
 
 EDIT_CHUNK_DEPLOYMENT = "edit-chunk/edit-chunk"
 
@@ -26,19 +28,28 @@ def chunk_key(parent_run_id: str, entries: list[Entry]) -> str:
     return f"{parent_run_id}-{digest}"
 
 
+@task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
+def write_chunk(entries: list[Entry], output_uri: str, batch_id: str, key: str) -> str:
+    """The chunk's entries, validated, into the output store: all its run reads (never the caller's disk, never
+    the whole manifest). Returns the key."""
+    slice_key = chunk_slice_key(batch_id, key)
+    open_storage(output_uri).write_bytes(slice_key, entries_jsonl(entries))
+    return slice_key
+
+
 @task(**DISPATCH_RETRIES, cache_policy=NO_CACHE)
 def run_chunk_deployment(entries: list[Entry], output_uri: str, model: str, device: str, deployment: str,
-                         key: str, source: dict) -> int:
+                         key: str, chunk: str, holder: str) -> int:
     """One `edit-chunk` run on the work pool; waits for it. Retried on API errors (the key makes that safe).
 
-    The child gets references into the manifest (`source`: its URI, preset and overrides), not the
-    entries: input URIs may carry credentials, and flow-run parameters are stored and shown by Prefect."""
+    The child gets the key of its chunk's entries in the output store and their ids, not the entries:
+    input URIs may carry credentials, and flow-run parameters are stored and shown by Prefect."""
     from prefect.deployments import run_deployment
 
     child = run_deployment(
         deployment,
         parameters={"entries": [{"id": e.id, "attempt": e.attempt} for e in entries], "output_uri": output_uri,
-                    "model": model, "device": device, **source},
+                    "model": model, "device": device, "chunk": chunk, "holder": holder},
         idempotency_key=key, timeout=None, as_subflow=True,
     )
     if not child.state or not child.state.is_completed():
@@ -61,18 +72,21 @@ def check_deployment(deployment: str) -> None:
                              "`prefect deploy --all` (prefect.yaml; docs/deploy.md), or use mode=local") from None
 
 
-def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, model: str, device: str,
-                         max_in_flight: int, deployment: str, on_done, source: dict) -> None:
-    """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time."""
+def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, batch_id: str, model: str, device: str,
+                         max_in_flight: int, deployment: str, on_done) -> None:
+    """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time; each chunk's
+    entries are written to the store just before its run is submitted."""
     check_deployment(deployment)
-    parent_run_id = str(prefect.runtime.flow_run.id)
+    parent_run_id = str(prefect.runtime.flow_run.id)  # the holder of every claim the chunk runs take
     in_flight = []
     for entries in chunks:
         if len(in_flight) >= max_in_flight:
             finished = next(as_completed(in_flight))
             in_flight.remove(finished)
             on_done(finished.result())
-        in_flight.append(run_chunk_deployment.submit(entries, output_uri, model, device, deployment,
-                                                     chunk_key(parent_run_id, entries), source))
+        key = chunk_key(parent_run_id, entries)
+        chunk = write_chunk(entries, output_uri, batch_id, key)
+        in_flight.append(run_chunk_deployment.submit(entries, output_uri, model, device, deployment, key, chunk,
+                                                     parent_run_id))
     for finished in as_completed(in_flight):
         on_done(finished.result())

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.retry import MODEL_LOAD_RETRIES, STORAGE_RETRIES
 from imagic import Editor
-from imagic.batch.manifest import Entry, detect_format, read_manifest_text, validate_manifest
+from imagic.batch.manifest import Entry, read_entries_jsonl
 from imagic.batch.outputs import RECORD_FILE
 from imagic.batch.run import run_entry
 from imagic.batch.settings import Settings
@@ -45,18 +45,12 @@ def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str,
 
 
 @task(**STORAGE_RETRIES)
-def resolve_entries(references: list[dict], manifest_uri: str, preset: str | None, overrides: dict | None,
-                    settings: Settings, model: str | None = None) -> list[Entry]:
-    """The chunk's entries, validated again from the manifest by id (and given their attempt folder)."""
-    text = read_manifest_text(manifest_uri, timeout_s=settings.input_timeout_s)
-    entries, _, _ = validate_manifest(text, detect_format(manifest_uri), preset=preset, overrides=overrides,
-                                      settings=settings, model=model)
-    by_id = {entry.id: entry for entry in entries}
-    missing = [ref["id"] for ref in references if ref["id"] not in by_id]
-    if missing:  # the manifest changed since the parent planned: those entries show up as not_run
-        get_run_logger().warning("not in the manifest any more: %s", ", ".join(missing))
-    return [by_id[ref["id"]].model_copy(update={"attempt": ref.get("attempt", 1)})
-            for ref in references if ref["id"] in by_id]
+def read_chunk(output_uri: str, chunk: str, references: list[dict]) -> list[Entry]:
+    """The chunk's entries as the parent wrote them into the output store (validated there, not here)."""
+    entries = read_entries_jsonl(open_storage(output_uri).read_bytes(chunk))
+    if [(e.id, e.attempt) for e in entries] != [(r["id"], r.get("attempt", 1)) for r in references]:
+        get_run_logger().warning("%s holds other entries than the run was given; editing what it holds", chunk)
+    return entries
 
 
 def run_name() -> str:
@@ -67,21 +61,18 @@ def run_name() -> str:
 
 @flow(name="edit-chunk", flow_run_name=run_name, log_prints=True)
 def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL, device: str = "auto",
-               manifest_uri: str | None = None, preset: str | None = None,
-               overrides: dict | None = None, holder: str | None = None) -> list[dict]:
+               chunk: str | None = None, holder: str | None = None) -> list[dict]:
     """Edit a chunk of manifest entries on one worker (one GPU).
 
-    `entries`: references (`{"id", "attempt"}`) into `manifest_uri`, as the parent sends them — so input
-    URIs, which may carry signatures, never become flow-run parameters that the Prefect API stores and
-    shows — or whole entries. `holder`: the parent run, which claims each entry before editing it. The
-    operator's settings for deployment mode apply (`imagic/batch/settings.py`: inputs from `s3://` only
-    unless IMAGIC_ALLOWED_INPUTS says otherwise).
+    `entries`: with `chunk` (the key of the chunk's entries in the output store, as the parent sends it),
+    their references (`{"id", "attempt"}`) — so input URIs, which may carry signatures, never become
+    flow-run parameters that the Prefect API stores and shows; without, whole entries. Nothing is read from
+    the disk of whoever started the batch. `holder`: the parent run, which claims each entry before editing
+    it. The operator's settings for deployment mode apply (`imagic/batch/settings.py`: inputs from `s3://`
+    only unless IMAGIC_ALLOWED_INPUTS says otherwise).
     """
     settings = Settings.from_env("deployment")
-    if manifest_uri is not None:
-        chosen = resolve_entries(entries, manifest_uri, preset, overrides, settings, model)
-    else:
-        chosen = [Entry(**e) for e in entries]
+    chosen = read_chunk(output_uri, chunk, entries) if chunk is not None else [Entry(**e) for e in entries]
     editor = load_editor(model, device)
     return run_chunk(editor, chosen, output_uri, model, settings, holder)
 

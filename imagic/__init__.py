@@ -13,10 +13,10 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
 
 _EXPORTS = {
     "PRESETS": "imagic.engine.config", "EditConfig": "imagic.engine.config", "make_config": "imagic.engine.config",
-    "CASCADE_PRESETS": "imagic.engine.config", "Editor": "imagic.engine.editor", "CascadeEditor": "imagic.engine.editor",
-    "EditResult": "imagic.engine.result", "ImageError": "imagic.engine.images", "fit_image": "imagic.engine.images",
-    "load_image": "imagic.engine.images", "ModelError": "imagic.engine.errors", "load_pipeline": "imagic.engine.loading",
-    "Cascade": "imagic.engine.loading",
+    "CASCADE_PRESETS": "imagic.engine.config", "Editor": "imagic.engine.editor",
+    "CascadeEditor": "imagic.engine.editor", "EditResult": "imagic.engine.result", "ImageError": "imagic.engine.images",
+    "fit_image": "imagic.engine.images", "load_image": "imagic.engine.images", "ModelError": "imagic.engine.errors",
+    "load_pipeline": "imagic.engine.loading", "Cascade": "imagic.engine.loading",
 }
 __all__ = list(_EXPORTS)
 

@@ -156,6 +156,9 @@ def run(
     device: DeviceOption = "auto",
     max_failure_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Above this share of failed entries the batch ends Failed (exit 1).")] = 0.5,
+    submit: Annotated[bool, typer.Option("--submit", help="Deployment mode: submit the bulk-edit deployment (the "
+                                         "parent runs on the work pool) and return; follow it with "
+                                         "`imagic status OUTPUT --follow`.")] = False,
 ) -> None:
     """Edit every entry of a manifest with Prefect. Resumable by request: entries finished with the same
     request are skipped; changed ones are reported and redone only with --redo changed.
@@ -168,19 +171,41 @@ def run(
         overrides = _overrides(set_ or []) or None
         preset_name = Preset(preset).value if preset else None
         entries = _validate(manifest, preset_name, overrides, model)  # before Prefect starts: a bad file costs no wait
-        open_storage(output)  # a bad scheme, at once
+        store = open_storage(output)  # a bad scheme, at once
+        parameters = dict(output_uri=output, mode=Mode(mode).value, model=model, preset=preset_name,
+                          overrides=overrides, chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
+                          max_failure_fraction=max_failure_fraction, redo=Redo(redo).value, check_inputs=check_inputs)
+        if submit:
+            return _submit(manifest, store, parameters)
         _stop_cleanly_on_signals()
         from flows.bulk_edit import bulk_edit
 
         with _batch_progress(entries, output):
-            state = bulk_edit(manifest, output, mode=Mode(mode).value, model=model, preset=preset_name,
-                              overrides=overrides, chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
-                              max_failure_fraction=max_failure_fraction, redo=Redo(redo).value,
-                              check_inputs=check_inputs, return_state=True)
+            state = bulk_edit(manifest, return_state=True, **parameters)
     if not state.is_completed():
         console.print(f"[red]batch {state.name.lower()}:[/] {escape(str(state.message))}", soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]done:[/] {state.message}; outputs in {output}")
+
+
+def _submit(manifest: str, store, parameters: dict) -> None:
+    """Stage the manifest where the parent pod can read it, submit the parent, say how to follow it."""
+    from flows.submit import submit_batch, ui_link
+    from imagic.batch.manifest import read_manifest_text, stage_manifest
+    from imagic.batch.outputs import batch_id_for
+
+    if parameters["mode"] != Mode.deployment.value:
+        raise typer.BadParameter("--submit runs the batch on the work pool: use it with --mode deployment")
+    # Anything but s3:// is copied into the store: a local file is not on the pod's disk, and an http(s) URL may
+    # carry a signature that would become a flow-run parameter.
+    source = manifest if manifest.startswith("s3://") else stage_manifest(store, manifest, read_manifest_text(manifest),
+                                                                           remote_too=True)
+    run = submit_batch({"manifest_uri": source, **parameters,
+                        "batch_id": batch_id_for(manifest.split("?")[0], parameters["output_uri"])})
+    console.print(f"[green]submitted:[/] flow run {run.id} ({run.name}); manifest staged at {source}")
+    if link := ui_link(run.id):
+        console.print(f"UI: {link}")
+    console.print(f"follow: imagic status {parameters['output_uri']} --follow --run {run.id}", soft_wrap=True)
 
 
 def _stop_cleanly_on_signals() -> None:
@@ -243,37 +268,58 @@ def status(
                                                  "to do, done, changed, failed.")] = None,
     model: Annotated[str | None, typer.Option(help="With --manifest: the model the run would use.",
                                               show_default=f"the manifest's, else {DEFAULT_MODEL}")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Follow the batch's parent run (submitted with "
+                                         "`run --submit`) on the Prefect API until it ends.")] = False,
+    run_id: Annotated[str | None, typer.Option("--run", help="With --follow: the parent's flow-run id.",
+                                               show_default="the newest bulk-edit run into OUTPUT")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for scripts.")] = False,
 ) -> None:
-    """Summarise a batch's output: finished, failed (with reasons), changed, and the latest report."""
-    from collections import Counter
-
-    from imagic.batch.outputs import BATCHES, REPORT_FILE, attempt_folder
-    from imagic.io.storage import StorageError, open_storage
+    """Summarise a batch's output: finished, failed (with reasons), changed, and the latest report; with
+    --follow, its running parent's progress (exit 1 if it does not end Completed)."""
+    from imagic.batch.report import batch_status
+    from imagic.io.storage import open_storage
 
     with _errors():
+        if follow:
+            _follow(output, run_id, as_json)
         store = open_storage(output)
-        keys = store.list()
-        if not keys:
-            raise StorageError(f"{output}: no outputs here (is the path right?)")
-        attempts = {entry_id: a for entry_id, a in scan(keys).items() if a.latest}
-        done = {e for e, a in attempts.items() if a.state == "finished"}
-        failed = {e for e, a in attempts.items() if a.state == "failed"}
-        reasons = Counter(json.loads(store.read_bytes(f"{attempt_folder(e, attempts[e].latest)}/{ERROR_FILE}"))
-                          ["error"]["reason"] for e in failed)
-        redone = sum(1 for a in attempts.values() if a.latest > 1)
-        console.print(f"{len(done)} finished, {len(failed)} failed"
+        summary = batch_status(store)
+        if as_json:
+            typer.echo(json.dumps(summary))
+            return
+        reasons = summary["failure_reasons"]
+        console.print(f"{summary['finished']} finished, {summary['failed']} failed"
                       + (f" ({', '.join(f'{r}: {n}' for r, n in reasons.items())})" if reasons else "")
-                      + (f"; {redone} redone (earlier attempts kept in <id>@vN/)" if redone else ""))
-        reports = sorted((k for k in keys if k.startswith(f"{BATCHES}/") and k.count("/") == 2
-                          and k.endswith(f"/{REPORT_FILE}")),
-                         key=lambda k: json.loads(store.read_bytes(k)).get("created_at", ""))
-        if reports:
-            report = json.loads(store.read_bytes(reports[-1]))
-            counts = report["counts"]
-            console.print(f"last report: {store.url_for(reports[-1])} ({counts['total']} entries, "
+                      + (f"; {summary['redone']} redone (earlier attempts kept in <id>@vN/)" if summary["redone"]
+                         else ""))
+        if last := summary["last_report"]:
+            counts = last["counts"]
+            console.print(f"last report: {last['uri']} ({counts['total']} entries, "
                           f"{counts.get('changed', 0)} changed, {counts.get('needs_review', 0)} need review)")
         if manifest:
             _status_plan(manifest, store, model)
+
+
+def _follow(output: str, run_id: str | None, as_json: bool) -> None:
+    """Print the parent run's state and progress as they change; exit 0 when it completed, 1 otherwise."""
+    from flows.submit import follow, latest_run
+
+    if run_id is None:
+        run = latest_run(output)
+        if run is None:
+            raise ValueError(f"no bulk-edit run into {output} on this Prefect API (submit one with `run --submit`)")
+        run_id = str(run.id)
+
+    def show(status: dict) -> None:
+        if as_json:
+            typer.echo(json.dumps(status))
+        else:
+            percent = "" if status["progress_percent"] is None else f" {status['progress_percent']:.0f}%"
+            console.print(f"{status['name']}: {status['state']}{percent}"
+                          + (f" — {escape(status['message'])}" if status["message"] else ""), soft_wrap=True)
+
+    final = follow(run_id, show)
+    raise typer.Exit(0 if final["state"] == "COMPLETED" else 1)
 
 
 def _status_plan(manifest: str, store, model: str | None) -> None:

@@ -1,11 +1,12 @@
 """A real Prefect deployment path on one machine, for system tests and benchmarks (like
-`prefect.testing.utilities`): a `prefect server` process, a `process` work pool, the `edit-chunk`
+`prefect.testing.utilities`): a `prefect server` process, a `process` work pool, the `edit-chunk` and `bulk-edit`
 deployment registered from this checkout, and worker processes. Pass `env` to every process you start.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,10 +17,13 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-DEPLOY_EDIT_CHUNK = """
+DEPLOY_FLOWS = """
+from flows.bulk_edit import bulk_edit
 from flows.edit_chunk import edit_chunk
 edit_chunk.from_source(source={repo!r}, entrypoint="flows/edit_chunk.py:edit_chunk").deploy(
     name="edit-chunk", work_pool_name={pool!r}, print_next_steps=False)
+bulk_edit.from_source(source={repo!r}, entrypoint="flows/bulk_edit.py:bulk_edit").deploy(
+    name="bulk-edit", work_pool_name={pool!r}, print_next_steps=False)
 """
 
 
@@ -39,7 +43,7 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.5):
 
 
 class LocalCluster:
-    """`with LocalCluster(home, extra_env) as cluster:` → server up, pool created, edit-chunk deployed."""
+    """`with LocalCluster(home, extra_env) as cluster:` → server up, pool created, edit-chunk and bulk-edit deployed."""
 
     def __init__(self, home: Path, extra_env: dict[str, str] | None = None, pool: str = "local-process-pool"):
         self.home, self.pool = Path(home), pool
@@ -56,7 +60,7 @@ class LocalCluster:
         try:
             wait_until(self.healthy, 120, "the Prefect server")
             self.prefect(["work-pool", "create", self.pool, "--type", "process"])
-            subprocess.run([sys.executable, "-c", DEPLOY_EDIT_CHUNK.format(repo=str(REPO), pool=self.pool)],
+            subprocess.run([sys.executable, "-c", DEPLOY_FLOWS.format(repo=str(REPO), pool=self.pool)],
                            env=self.env, check=True, capture_output=True, cwd=REPO)
         except BaseException:
             self.__exit__()
@@ -77,15 +81,22 @@ class LocalCluster:
         return subprocess.run([sys.executable, "-m", "prefect", *args], env=self.env, check=True,
                               capture_output=True, text=True).stdout
 
-    def spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
-        """`python -m ARGS` in its own session (so `stop` takes its children too), logging to home/<log_name>.log."""
+    def spawn(self, args: list[str], log_name: str, hide: tuple[Path, ...] = ()) -> subprocess.Popen:
+        """`python -m ARGS` in its own session (so `stop` takes its children too), logging to home/<log_name>.log.
+        `hide`: folders it (and everything it starts) sees empty, as a pod does not share the caller's disk: a
+        mount namespace of its own (`unshare -m`, root) with a tmpfs over each."""
+        command = [sys.executable, "-m", *args]
+        if hide:
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(folder))}" for folder in hide)
+            command = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                       f"{mounts} && exec {shlex.join(command)}"]
         log = open(self.home / f"{log_name}.log", "w")
-        return subprocess.Popen([sys.executable, "-m", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=REPO)
+        return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=REPO)
 
-    def start_worker(self, name: str, limit: int = 1) -> subprocess.Popen:
+    def start_worker(self, name: str, limit: int = 1, hide: tuple[Path, ...] = ()) -> subprocess.Popen:
         return self.spawn(["prefect", "worker", "start", "--pool", self.pool, "--type", "process", "--limit",
-                           str(limit), "--name", name], name)
+                           str(limit), "--name", name], name, hide)
 
 
 def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 20) -> None:

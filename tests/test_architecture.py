@@ -21,16 +21,22 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Every imagic/flows module `path` imports, at module level or inside a function."""
+def all_imports(path: Path) -> set[str]:
+    """Every name `path` imports (`module`, and `module.name` for `from module import name`), at module level
+    or inside a function."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    """Every imagic/flows module `path` imports."""
     known = {module_name(p) for p in MODULES}
-    return {name for name in found if name in known and name.split(".")[0] in PACKAGES}
+    return {name for name in all_imports(path) if name in known and name.split(".")[0] in PACKAGES}
 
 
 def test_importing_the_engine_loads_no_batch_io_or_orchestration_code():
@@ -52,19 +58,9 @@ print(json.dumps(sorted(set(sys.modules) - before)))
     assert not [m for m in added if m.split(".")[0] in NOT_IN_ENGINE], added
     assert not [m for m in added if m.startswith(("imagic.batch", "imagic.io", "flows"))], added
     # … and no engine module names one of them itself, even inside a function (diffusers' own imports aside).
-    named = [(name, module) for path in MODULES if path.parts[-2] == "engine" for name in _all_imports(path)
-             if (module := name.split(".")[0]) in NOT_IN_ENGINE]
+    named = [(path.name, name) for path in MODULES if path.parts[-2] == "engine" for name in all_imports(path)
+             if name.split(".")[0] in NOT_IN_ENGINE]
     assert not named
-
-
-def _all_imports(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-    return found
 
 
 def test_the_light_layers_answer_without_torch():

@@ -17,17 +17,19 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from imagic.batch.outputs import attempt_folder
+from imagic.batch.outputs import attempt_folder, staged_manifest_key
 from imagic.batch.settings import Settings
 from imagic.engine.builtins import DEFAULT_MODEL, Family, model_family
 from imagic.engine.config import DEFAULT_PRESET, PRESETS, EditConfig, make_config
 from imagic.engine.grid import DEFAULT_ETAS, DEFAULT_SEEDS, GRID_MESSAGES, Etas, Seeds
 from imagic.io.inputs import DEFAULT_TIMEOUT_S, read_uri
 from imagic.io.redaction import redact_uri
+from imagic.io.storage import Storage
 
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 IMAGE_SCHEMES = ("s3://", "file://", "http://", "https://")
+REMOTE_SCHEMES = ("s3://", "http://", "https://")  # what a pod can read as well as the caller
 
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # a million entries is ~150 MB of JSONL; 64 MB is far past any single batch
@@ -225,6 +227,27 @@ def runnable(entries: list[Entry], rejected: list[Rejected], file_problems: list
     if file_problems or not entries:
         raise ManifestError(file_problems + [p for r in rejected for p in r.problems])
     return entries
+
+
+def entries_jsonl(entries: list[Entry]) -> bytes:
+    """Validated entries, one JSON object a line: what a chunk run reads instead of the whole manifest."""
+    return "".join(entry.model_dump_json() + "\n" for entry in entries).encode()
+
+
+def read_entries_jsonl(data: bytes) -> list[Entry]:
+    """Entries written by `entries_jsonl` (already validated: only their types are checked again)."""
+    return [Entry.model_validate_json(line) for line in data.decode().splitlines() if line]
+
+
+def stage_manifest(store: Storage, manifest_uri: str, text: str, *, remote_too: bool = False) -> str:
+    """A manifest on this machine's disk, copied into the output store once per content (a pod cannot read the
+    caller's disk; a later run that finds other content gets a new copy); its URI there. A remote one stays
+    where it is unless `remote_too`."""
+    if manifest_uri.startswith(REMOTE_SCHEMES) and not remote_too:
+        return manifest_uri
+    key = staged_manifest_key(manifest_uri, text)
+    store.write_bytes(key, text.encode("utf-8"), if_absent=True)
+    return store.url_for(key)
 
 
 def batch_model(entries: list[Entry], model: str | None = None) -> str:

@@ -9,9 +9,11 @@ with the request they answer. One schema version for the records and the batch's
     <entry id>@v2/              attempt 2, made when a changed request is redone: earlier attempts
                                 are never overwritten, so nothing a user already has disappears
     line-N@invalid/             error.json of a manifest line that failed validation
+    _manifests/<name>-<hash>.jsonl   a manifest staged into the store, so that no pod reads the caller's disk
     metadata.jsonl              ImageFolder metadata of every finished output (`datasets` reads the folder)
     _batches/<batch id>/        report.json, index.html, edits.parquet of the latest run of a batch
     _batches/<batch id>/runs/<run>/   the same, for every run (earlier reports are kept)
+    _batches/<batch id>/chunks/<key>.jsonl   the entries of one chunk run (deployment mode)
 
 The files of the edit itself (images, artifacts/) are named by the engine's `EditResult` (imagic/engine/
 result.py), which saves them; this module names everything around them. The *request* (input URI and
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import PurePosixPath
 
 from imagic.engine.result import ARTIFACTS, SELECTED_FILE, EditResult, image_name
 from imagic.io.redaction import redact_uri
@@ -39,6 +42,7 @@ METADATA_FILE = "metadata.jsonl"
 DATASET_FILE = "edits.parquet"
 REPORT_FILE, INDEX_FILE = "report.json", "index.html"
 BATCHES = "_batches"
+MANIFESTS = "_manifests"  # manifests staged into the store (content-addressed): what every run of a batch read
 CLAIMS = ".claims"
 # Not a character entry ids may hold (imagic/batch/manifest.py), so `a@v2` can never be another entry's id.
 ATTEMPT_MARK = "@v"
@@ -81,7 +85,7 @@ def scan(keys: list[str]) -> dict[str, Attempts]:
     found: dict[str, Attempts] = defaultdict(Attempts)
     for key in keys:
         folder, slash, name = key.partition("/")
-        if not slash or folder == BATCHES:
+        if not slash or folder.startswith("_"):  # _batches/, _manifests/: no entry id starts with "_"
             continue
         entry_id, attempt = parse_folder(folder)
         attempts = found[entry_id]
@@ -101,6 +105,18 @@ def batch_id_for(manifest_uri: str, output_uri: str) -> str:
 def batch_key(batch_id: str, name: str, run: str | None = None) -> str:
     """A batch's file: the latest run's (`run=None`), or one run's."""
     return f"{BATCHES}/{batch_id}/{name}" if run is None else f"{BATCHES}/{batch_id}/runs/{run}/{name}"
+
+
+def staged_manifest_key(name: str, text: str) -> str:
+    """`_manifests/<stem>-<content hash>.<suffix>`: a changed manifest never replaces the one a run read."""
+    stem, dot, suffix = PurePosixPath(name.split("?")[0]).name.rpartition(".")  # never a URL's query
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{MANIFESTS}/{stem or suffix}-{digest}.{suffix if dot else 'jsonl'}"
+
+
+def chunk_slice_key(batch_id: str, chunk_key: str) -> str:
+    """The entries of one chunk run, written by the parent for the chunk to read (and for an audit after)."""
+    return f"{BATCHES}/{batch_id}/chunks/{chunk_key}.jsonl"
 
 
 def relative_link(from_key: str, to_key: str) -> str:
@@ -197,6 +213,26 @@ def in_progress_record(*, entry_id: str, line: int, attempt: int, folder: str, i
     """The record-shaped row of an entry another run of the batch is editing now (never written)."""
     return {"entry_id": entry_id, "manifest_line": line, "status": "in_progress", "attempt": attempt,
             "folder": folder, "input": {"uri": redact_uri(input_uri)}, "target_text": target_text, "holder": holder}
+
+
+def record_summary(record: dict) -> dict:
+    """What a batch's report and dataset need of a finished record, and no more (no losses, config, versions,
+    toy metrics, stage timings): the plan holds one per finished entry, so a re-run over 100k of them stays
+    small."""
+    outputs = record.get("outputs", {})
+    selection = record.get("selection")
+    return {
+        "status": record["status"], "entry_id": record["entry_id"], "attempt": record.get("attempt", 1),
+        "folder": record.get("folder"), "manifest_line": record.get("manifest_line"),
+        "target_text": record.get("target_text"), "input": {"uri": record.get("input", {}).get("uri")},
+        "wall_seconds": record.get("wall_seconds", 0.0), "model": record.get("model"),
+        "created_at": record.get("created_at"), "etas": record.get("etas"), "seeds": record.get("seeds"),
+        "outputs": {"contact_sheet": outputs.get("contact_sheet"),
+                    "images": [{key: image.get(key) for key in ("eta", "seed", "file", "edit", "fidelity")}
+                               for image in outputs.get("images", [])]},
+        "selection": selection and {key: selection[key] for key in ("verdict", "eta", "seed", "reason", "uri", "scores")
+                                    if key in selection},
+    }
 
 
 def request(*, input_uri: str, target_text: str, model: str, config: dict, etas, seeds,

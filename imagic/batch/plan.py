@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from imagic.batch.manifest import Entry
-from imagic.batch.outputs import RECORD_FILE, attempt_folder, request, request_changes, scan, sha256
+from imagic.batch.outputs import (RECORD_FILE, attempt_folder, record_summary, request, request_changes, scan,
+                                  sha256)
 from imagic.io.inputs import read_uri
 from imagic.io.storage import Storage, StorageError
 
@@ -35,16 +36,17 @@ class Plan:
     """What a run of a batch does with each valid entry."""
 
     todo: list[Entry] = field(default_factory=list)  # with the attempt folder each writes
-    done: list[tuple[Entry, dict]] = field(default_factory=list)  # (entry, its finished record)
-    changed: list[tuple[Entry, dict, list[str]]] = field(default_factory=list)  # (entry, record, what differs)
+    # (entry, its finished record's summary: `record_summary`, not the record — 100k of those are gigabytes)
+    done: list[tuple[Entry, dict]] = field(default_factory=list)
+    changed: list[tuple[Entry, dict, list[str]]] = field(default_factory=list)  # (entry, summary, what differs)
     failed: list[Entry] = field(default_factory=list)  # failed before and not retried (redo=none)
 
 
 def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | None = None,
-         redo: Redo = Redo.failed, check_inputs: bool = True) -> Plan:
+         redo: Redo = Redo.failed, rehash_inputs: bool = True) -> Plan:
     """Sort entries by what the store holds for them (one listing; records and inputs read in parallel).
 
-    `check_inputs` re-reads the input of every finished entry to compare its content hash with the
+    `rehash_inputs` re-reads the input of every finished entry to compare its content hash with the
     record's: an image replaced under the same URI is `changed`, not silently skipped.
     """
     attempts = scan(store.list())
@@ -68,8 +70,8 @@ def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | 
         record = json.loads(store.read_bytes(f"{attempt_folder(entry.id, attempt)}/{RECORD_FILE}"))
         wanted = request(input_uri=entry.image, target_text=entry.target_text, model=model, model_sha256=model_hash,
                          config=entry.config.model_dump(mode="json"), etas=entry.etas, seeds=entry.seeds,
-                         input_sha256=_input_sha256(entry.image) if check_inputs else None)
-        return entry, attempt, record, request_changes(record, wanted)
+                         input_sha256=_input_sha256(entry.image) if rehash_inputs else None)
+        return entry, attempt, record_summary(record), request_changes(record, wanted)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         for entry, attempt, record, changes in pool.map(compare, finished):

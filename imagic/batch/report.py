@@ -14,8 +14,8 @@ from collections import Counter
 from datetime import datetime, timezone
 from html import escape
 
-from imagic.batch.outputs import (DATASET_FILE, INDEX_FILE, METADATA_FILE, REPORT_FILE, SCHEMA_VERSION, SHEET_FILE,
-                                  batch_key, relative_link)
+from imagic.batch.outputs import (BATCHES, DATASET_FILE, ERROR_FILE, INDEX_FILE, METADATA_FILE, REPORT_FILE,
+                                  SCHEMA_VERSION, SHEET_FILE, attempt_folder, batch_key, relative_link, scan)
 from imagic.engine.result import SELECTED_FILE
 from imagic.io.storage import Storage, StorageError
 FINISHED = ("succeeded", "already_done", "finished_before", "changed")  # statuses whose row has outputs
@@ -200,3 +200,26 @@ def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict
     store.write_bytes(batch_key(report["batch_id"], REPORT_FILE, run), data)
     store.write_bytes(batch_key(report["batch_id"], REPORT_FILE), data)  # the latest, last
     return where
+
+
+def batch_status(store: Storage) -> dict:
+    """What an output store holds, from one listing: entries finished and failed (with reasons), redone, and
+    the latest report's counts. Raises StorageError when it holds nothing."""
+    keys = store.list()
+    if not keys:
+        raise StorageError(f"{store.url_for('')}: no outputs here (is the path right?)")
+    attempts = {entry_id: a for entry_id, a in scan(keys).items() if a.latest}
+    failed = sorted(e for e, a in attempts.items() if a.state == "failed")
+    reasons = Counter(json.loads(store.read_bytes(f"{attempt_folder(e, attempts[e].latest)}/{ERROR_FILE}"))
+                      ["error"]["reason"] for e in failed)
+    reports = sorted((k for k in keys if k.startswith(f"{BATCHES}/") and k.count("/") == 2
+                      and k.endswith(f"/{REPORT_FILE}")),
+                     key=lambda k: json.loads(store.read_bytes(k)).get("created_at", ""))
+    last = None
+    if reports:
+        report = json.loads(store.read_bytes(reports[-1]))
+        last = {"uri": store.url_for(reports[-1]), "batch_id": report["batch_id"], "created_at": report["created_at"],
+                "counts": report["counts"]}
+    return {"finished": sum(1 for a in attempts.values() if a.state == "finished"), "failed": len(failed),
+            "failure_reasons": dict(reasons), "redone": sum(1 for a in attempts.values() if a.latest > 1),
+            "last_report": last}

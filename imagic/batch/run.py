@@ -76,6 +76,8 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
         store.write_bytes(key(ERROR_FILE), json_bytes(record))
         return record
 
+    if over := settings.budget_problems(entry.config, entry.etas, entry.seeds):  # this worker's own limits
+        return fail("over_budget", "; ".join(over))
     if not settings.input_allowed(entry.image):  # the same answer whether such a file exists or not
         return fail("input_not_allowed", f"{redact_uri(entry.image)}: inputs must start with one of "
                                          f"{settings.allowed_inputs} (operator setting "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import tempfile
+import threading
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -137,17 +138,7 @@ class S3Storage:
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                retries={"mode": "standard", "max_attempts": 5},
-                s3={"addressing_style": "path" if self.endpoint_url else "auto"},
-                # MinIO and older S3-compatible stores reject the newer default CRC checksums.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+            self._client = s3_client(self.endpoint_url)
         return self._client
 
     def _key(self, key: str) -> str:
@@ -231,6 +222,30 @@ class S3Storage:
         """A presigned GET link a browser opens without credentials (7 days: the SigV4 maximum)."""
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
                                                   ExpiresIn=expires_s)
+
+
+_CLIENTS: dict[str | None, object] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def s3_client(endpoint_url: str | None):
+    """The process's boto3 S3 client for an endpoint: made once, under a lock — boto3's default session is
+    not thread-safe, its clients are — and shared by every store, input read and model sync."""
+    with _CLIENTS_LOCK:
+        if endpoint_url not in _CLIENTS:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(
+                retries={"mode": "standard", "max_attempts": 5},
+                s3={"addressing_style": "path" if endpoint_url else "auto"},
+                # MinIO and older S3-compatible stores reject the newer default CRC checksums.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                max_pool_connections=32,  # the planning and reporting threads share it
+            )
+            _CLIENTS[endpoint_url] = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        return _CLIENTS[endpoint_url]
 
 
 def open_storage(uri: str) -> Storage:

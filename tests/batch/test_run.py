@@ -79,7 +79,7 @@ def test_a_changed_request_is_reported_and_redone_only_when_asked(editor, inputs
     assert changes([entry], model_hash="0" * 64) == [["model_sha256"]]
     draw_scene(color=(30, 30, 200)).save(inputs / "good.png")  # same URI, new content
     assert changes([entry]) == [["input_sha256"]]
-    assert plan([entry], store, model="tiny", check_inputs=False).done  # not looked at when told not to
+    assert plan([entry], store, model="tiny", rehash_inputs=False).done  # not looked at when told not to
 
     # Redo: a new attempt folder; the finished one stays as it was.
     [redo] = plan([entry], store, model="tiny", redo=Redo.changed).todo

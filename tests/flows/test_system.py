@@ -1,10 +1,14 @@
 """The real deployment path: a `prefect server` process, a `process` work pool with a worker process,
-the `edit-chunk` deployment registered to it, and `imagic run --mode deployment` into S3 over HTTP.
+the `edit-chunk` deployment registered to it, and `imagic run --mode deployment` into S3 over HTTP. As on a
+cluster, the worker cannot see the caller's folder (the manifest, given as a relative path, and the inputs):
+it runs in a mount namespace with that folder hidden; inputs and the model are in S3.
 
 Slow-ish (~2 min): every chunk run is a fresh Python process, as it is on Kubernetes.
 """
 
+import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import REPO, LocalCluster, stop, wait_until
+from tests.cluster import LocalCluster, stop, wait_until
 
 from tests.conftest import QUICK, draw_scene
 
@@ -23,19 +27,27 @@ POOL = "system-test-pool"
 def cluster(tmp_path_factory, s3_endpoint):
     """prefect server + process work pool + the edit-chunk deployment; S3 is conftest's moto server."""
     s3_env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
-              "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1",
-              # deployment mode reads only s3:// inputs unless the operator allows more; these are local files
-              "IMAGIC_ALLOWED_INPUTS": "s3://,file:"}
+              "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
     with LocalCluster(tmp_path_factory.mktemp("prefect-home"), s3_env, pool=POOL) as cluster:
         s3_client(cluster).create_bucket(Bucket="batch")
         yield cluster
 
 
-def imagic_run(cluster, manifest: Path, output: str, tiny_dir) -> subprocess.Popen:
-    args = [sys.executable, "-m", "imagic", "run", str(manifest), "--output", output, "--mode", "deployment",
-            "--model", str(tiny_dir), "--chunk-size", "1", "--max-in-flight", "2"]
+@pytest.fixture(scope="module")
+def s3_model(cluster, tiny_dir) -> str:
+    """The tiny model in S3, as a cluster's workers get their weights (synced once into the model cache)."""
+    for path in tiny_dir.rglob("*"):
+        if path.is_file():
+            s3_client(cluster).upload_file(str(path), "batch", f"models/tiny/{path.relative_to(tiny_dir).as_posix()}")
+    return "s3://batch/models/tiny/"
+
+
+def imagic_run(cluster, manifest: Path, output: str, model: str, *extra: str) -> subprocess.Popen:
+    """`imagic run manifest.jsonl` started in the manifest's folder, as a user does."""
+    args = [sys.executable, "-m", "imagic", "run", manifest.name, "--output", output, "--mode", "deployment",
+            "--model", model, "--chunk-size", "1", "--max-in-flight", "2", *extra]
     return subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, cwd=REPO)
+                            text=True, start_new_session=True, cwd=manifest.parent)
 
 
 def finish(process: subprocess.Popen, timeout: float = 400) -> str:
@@ -44,12 +56,15 @@ def finish(process: subprocess.Popen, timeout: float = 400) -> str:
     return output
 
 
-def write_manifest(folder: Path, count: int, extra: list[dict] = ()) -> Path:
+def write_manifest(cluster, folder: Path, count: int, extra: list[dict] = ()) -> Path:
+    """A local manifest (in the caller's folder) of inputs in S3 (drawn there, uploaded)."""
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
     rows = [{"defaults": {"etas": [0.5, 1.0], "overrides": QUICK}}]
     for i in range(count):
         draw_scene(colours[i % 4], size=48 + 8 * i).save(folder / f"in-{i}.png")
-        rows.append({"id": f"e{i}", "image": str(folder / f"in-{i}.png"), "target_text": "a blue circle"})
+        s3_client(cluster).upload_file(str(folder / f"in-{i}.png"), "batch", f"inputs/{folder.name}/in-{i}.png")
+        rows.append({"id": f"e{i}", "image": f"s3://batch/inputs/{folder.name}/in-{i}.png",
+                     "target_text": "a blue circle"})
     rows += extra
     path = folder / "manifest.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -83,15 +98,25 @@ def records(objects: dict) -> set[str]:
     return {key.split("/")[0] for key in objects if key.endswith("/record.json") and key.count("/") == 1}
 
 
-def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, tiny_dir):
+def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, s3_model):
     missing = {"id": "missing", "image": "s3://batch/inputs/nope.png", "target_text": "a blue circle"}
-    manifest = write_manifest(tmp_path, 3, extra=[missing])
-    worker = cluster.start_worker("worker-a")
+    local = {"id": "local", "image": str(tmp_path / "in-0.png"), "target_text": "a blue circle"}
+    manifest = write_manifest(cluster, tmp_path, 3, extra=[missing, local])
+    worker = cluster.start_worker("worker-a", hide=(tmp_path,))
+    peek = cluster.spawn(["json.tool", str(manifest)], "peek", hide=(tmp_path,))  # what the worker sees there
+    assert peek.wait(30) != 0 and "No such file" in (cluster.home / "peek.log").read_text()
     try:
-        output = finish(imagic_run(cluster, manifest, "s3://batch/full", tiny_dir))
-        assert "3 succeeded, 1 failed, 0 skipped" in output
+        output = finish(imagic_run(cluster, manifest, "s3://batch/full", s3_model))
+        assert "3 succeeded, 2 failed, 0 skipped" in output
         objects = s3_objects(cluster, "full")
         assert records(objects) == {"e0", "e1", "e2"}
+        # the manifest, staged for the pods (content hash in its name), and each chunk's own entries
+        assert [k for k in objects if k.startswith("_manifests/")] == [
+            f"_manifests/manifest-{hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]}.jsonl"]
+        assert len([k for k in objects if "/chunks/" in k]) == 5
+        # a local path in deployment mode: that entry's error names the setting that allows it
+        refused = json.loads(_get(cluster, "full/local/error.json"))["error"]
+        assert refused["reason"] == "input_not_allowed" and "IMAGIC_ALLOWED_INPUTS" in refused["message"]
         assert {"e0/eta-0.50_seed-0.png", "e0/eta-1.00_seed-0.png", "e0/contact_sheet.png",
                 "e0/artifacts/embeddings.safetensors", "missing/error.json"} <= set(objects)
         error = json.loads(_get(cluster, "full/missing/error.json"))["error"]
@@ -100,23 +125,23 @@ def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, tin
         leaked += [p.name for p in cluster.home.glob("*.log") if "test-secret" in p.read_text(errors="replace")]
         assert not leaked  # no credentials in records, reports or the server's and worker's logs
         runs_after_first = chunk_runs(cluster)
-        assert len(runs_after_first) == 4 and {state for _, state in runs_after_first} == {"COMPLETED"}
+        assert len(runs_after_first) == 5 and {state for _, state in runs_after_first} == {"COMPLETED"}
 
-        output = finish(imagic_run(cluster, manifest, "s3://batch/full", tiny_dir))
-        # Only the failed entry is tried again; the finished ones are neither recomputed nor rewritten.
-        assert "0 succeeded, 1 failed, 3 skipped" in output
-        assert len(chunk_runs(cluster)) == len(runs_after_first) + 1
+        output = finish(imagic_run(cluster, manifest, "s3://batch/full", s3_model))
+        # Only the failed entries are tried again; the finished ones are neither recomputed nor rewritten.
+        assert "0 succeeded, 2 failed, 3 skipped" in output
+        assert len(chunk_runs(cluster)) == len(runs_after_first) + 2
         again = s3_objects(cluster, "full")
-        assert {k: v for k, v in again.items() if not k.startswith(("_batches", "missing"))} == \
-               {k: v for k, v in objects.items() if not k.startswith(("_batches", "missing"))}
+        kept = lambda objects: {k: v for k, v in objects.items() if not k.startswith(("_batches", "missing", "local"))}  # noqa: E731
+        assert kept(again) == kept(objects)
     finally:
         stop(worker)
 
 
-def test_killing_the_worker_mid_batch_then_rerunning_loses_and_duplicates_nothing(cluster, tmp_path, tiny_dir):
-    manifest = write_manifest(tmp_path, 4)
-    worker = cluster.start_worker("worker-b")
-    parent = imagic_run(cluster, manifest, "s3://batch/killed", tiny_dir)
+def test_killing_the_worker_mid_batch_then_rerunning_loses_and_duplicates_nothing(cluster, tmp_path, s3_model):
+    manifest = write_manifest(cluster, tmp_path, 4)
+    worker = cluster.start_worker("worker-b", hide=(tmp_path,))
+    parent = imagic_run(cluster, manifest, "s3://batch/killed", s3_model)
     try:
         first = wait_until(lambda: records(s3_objects(cluster, "killed")), 300, "the first record", 0.2)
     finally:
@@ -125,9 +150,9 @@ def test_killing_the_worker_mid_batch_then_rerunning_loses_and_duplicates_nothin
     before = s3_objects(cluster, "killed")
     assert first <= records(before) < {"e0", "e1", "e2", "e3"}
 
-    worker = cluster.start_worker("worker-c")
+    worker = cluster.start_worker("worker-c", hide=(tmp_path,))
     try:
-        output = finish(imagic_run(cluster, manifest, "s3://batch/killed", tiny_dir))
+        output = finish(imagic_run(cluster, manifest, "s3://batch/killed", s3_model))
     finally:
         stop(worker)
     after = s3_objects(cluster, "killed")
@@ -152,3 +177,28 @@ def s3_client(cluster):
 
     return boto3.client("s3", endpoint_url=cluster.env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                         aws_access_key_id="test-key", aws_secret_access_key="test-secret")
+
+
+def test_a_submitted_batch_runs_without_its_caller_and_is_followed_from_the_api(cluster, tmp_path, s3_model):
+    """`run --submit` stages the manifest, submits the parent to the pool and returns; the parent (a worker's
+    flow run that cannot see the caller's folder) dispatches the chunks; `status --follow` waits for it."""
+    manifest = write_manifest(cluster, tmp_path, 2)
+    worker = cluster.start_worker("worker-d", limit=4, hide=(tmp_path,))
+    try:
+        submitted = imagic_run(cluster, manifest, "s3://batch/submitted", s3_model, "--submit")
+        output = finish(submitted, timeout=60)
+        run_id = re.search(r"flow run ([0-9a-f-]{36})", output).group(1)
+        assert f"imagic status s3://batch/submitted --follow --run {run_id}" in " ".join(output.split())
+        assert not records(s3_objects(cluster, "submitted"))  # it returned before any edit
+        follow = subprocess.run([sys.executable, "-m", "imagic", "status", "s3://batch/submitted", "--follow",
+                                 "--json"], env=cluster.env, capture_output=True, text=True, timeout=400)
+        updates = [json.loads(line) for line in follow.stdout.splitlines()]
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+        assert updates[-1]["state"] == "COMPLETED" and updates[-1]["flow_run_id"] == run_id
+        assert "2 succeeded, 0 failed" in updates[-1]["message"]
+        summary = subprocess.run([sys.executable, "-m", "imagic", "status", "s3://batch/submitted", "--json"],
+                                 env=cluster.env, capture_output=True, text=True, check=True)
+        assert json.loads(summary.stdout)["finished"] == 2
+        assert records(s3_objects(cluster, "submitted")) == {"e0", "e1"}
+    finally:
+        stop(worker)

@@ -96,3 +96,14 @@ def test_s3_objects_have_a_content_type_and_a_presigned_link(s3_env):
     assert "X-Amz-Signature=" in link or "Signature=" in link
     with urllib.request.urlopen(link) as response:  # a browser needs no credentials
         assert response.read() == b"<p>hi</p>"
+
+
+def test_one_s3_client_per_process_made_once_under_threads(s3_env):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [open_storage(f"s3://{s3_env}/p{i}") for i in range(32)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        clients = list(pool.map(lambda store: store.client, stores))
+    assert len({id(client) for client in clients}) == 1
+    stores[0].write_bytes("a.txt", b"x")
+    assert open_storage(f"s3://{s3_env}").list() == ["p0/a.txt"]
