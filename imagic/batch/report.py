@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import random
+import time
 from collections import Counter
 from datetime import datetime, timezone
 from html import escape
@@ -26,8 +28,9 @@ def run_records(planned, *, rejected: list[dict], edited: list[dict], failed_bef
     """Every entry's record, each with the status it has in this run: rejected lines' and this run's edits
     as they are, then those finished before, changed, and failed before (`planned`: the run's `Plan`)."""
     records = rejected + edited
-    records += [{**record, "status": "finished_before"} for _, record in planned.done]
-    records += [{**record, "status": "changed", "changes": changes} for _, record, changes in planned.changed]
+    records += [{**json.loads(summary), "status": "finished_before"} for _, summary in planned.done]
+    records += [{**json.loads(summary), "status": "changed", "changes": changes}
+                for _, summary, changes in planned.changed]
     records += [{**record, "status": "failed_before"} for record in failed_before]
     return records
 
@@ -158,20 +161,40 @@ def parquet_bytes(rows: list[dict]) -> bytes:
 CURRENT = ("succeeded", "already_done", "finished_before")  # rows whose outputs answer the manifest as it is now
 
 
-def metadata_jsonl(rows: list[dict], store: Storage) -> bytes:
+def metadata_jsonl(rows: list[dict], earlier: bytes | None) -> bytes:
     """The store's ImageFolder metadata: every output that answers its entry's current request (this batch's,
-    plus earlier lines of entries not in it), sorted, with nothing run-dependent in it: an unchanged batch
-    writes the same bytes."""
+    plus the `earlier` file's lines of entries not in it), sorted, with nothing run-dependent in it: an
+    unchanged batch writes the same bytes."""
     ours = {row["entry_id"] for row in rows}
-    try:
-        earlier = [json.loads(line) for line in store.read_bytes(METADATA_FILE).decode().splitlines() if line]
-    except StorageError:
-        earlier = []
+    earlier = [json.loads(line) for line in (earlier or b"").decode().splitlines() if line]
     keys = ("file_name", "entry_id", "attempt", "input_uri", "target_text", "model", "eta", "seed", "edit",
             "fidelity", "selected")
     lines = [line for line in earlier if line.get("entry_id") not in ours]
     lines += [{key: row[key] for key in keys} for row in rows if row["file_name"] and row["status"] in CURRENT]
     return "".join(json.dumps(line) + "\n" for line in sorted(lines, key=lambda line: line["file_name"])).encode()
+
+
+METADATA_TRIES = 20
+
+
+def update_metadata(store: Storage, rows: list[dict]) -> None:
+    """Merge this batch's rows into the store's `metadata.jsonl` with a compare-and-swap (S3: If-Match on the
+    ETag; local: under a lock), retried while another batch writes between our read and our write: batches
+    sharing an output root never lose each other's lines. One file, not one per batch: `datasets`' ImageFolder
+    reads a single metadata file per folder."""
+    for attempt in range(METADATA_TRIES):
+        earlier, version = store.read_versioned(METADATA_FILE)
+        merged = metadata_jsonl(rows, earlier)
+        if merged == earlier:
+            return
+        if version is None:
+            written = store.write_bytes(METADATA_FILE, merged, if_absent=True)
+        else:
+            written = store.write_bytes(METADATA_FILE, merged, if_version=version)
+        if written:
+            return
+        time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+    raise StorageError(f"{store.url_for(METADATA_FILE)}: changed by other writers {METADATA_TRIES} times in a row")
 
 
 def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict[str, str]:
@@ -186,9 +209,7 @@ def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict
         store.write_bytes(index_key, report_html(report, lambda key, at=index_key: relative_link(at, key)).encode())
     shared_key = batch_key(report["batch_id"], SHARED_INDEX_FILE, run)
     store.write_bytes(shared_key, report_html(report, store.share_url).encode())
-    metadata = metadata_jsonl(rows, store)
-    if not store.exists(METADATA_FILE) or store.read_bytes(METADATA_FILE) != metadata:
-        store.write_bytes(METADATA_FILE, metadata)
+    update_metadata(store, rows)
     where = {"report": store.url_for(batch_key(report["batch_id"], REPORT_FILE)),
              "index": store.url_for(batch_key(report["batch_id"], INDEX_FILE)),
              "dataset": store.url_for(batch_key(report["batch_id"], DATASET_FILE)),
@@ -202,12 +223,12 @@ def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict
     return where
 
 
-def batch_status(store: Storage) -> dict:
-    """What an output store holds, from one listing: entries finished and failed (with reasons), redone, and
-    the latest report's counts. Raises StorageError when it holds nothing."""
+def batch_status(store: Storage, output_uri: str) -> dict:
+    """What the output store at `output_uri` holds, from one listing: entries finished and failed (with
+    reasons), redone, and the latest report's counts. Raises StorageError when it holds nothing."""
     keys = store.list()
     if not keys:
-        raise StorageError(f"{store.url_for('')}: no outputs here (is the path right?)")
+        raise StorageError(f"{output_uri}: no outputs here (is the path right?)")
     attempts = {entry_id: a for entry_id, a in scan(keys).items() if a.latest}
     failed = sorted(e for e, a in attempts.items() if a.state == "failed")
     reasons = Counter(json.loads(store.read_bytes(f"{attempt_folder(e, attempts[e].latest)}/{ERROR_FILE}"))

@@ -160,5 +160,5 @@ def read_records(entries: list[Entry], store: Storage, holder: str | None = None
                               target_text=entry.target_text, reason="not_run", attempt=entry.attempt,
                               message="no record after the batch (worker lost?); a re-run of the batch redoes it")
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
+    with ThreadPoolExecutor(max_workers=store.read_concurrency) as pool:
         return list(pool.map(read, entries))

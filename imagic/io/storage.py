@@ -6,12 +6,16 @@ reader sees a whole object or none, so a finished-looking output is never half-w
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import mimetypes
 import os
 import tempfile
 import threading
 import uuid
 from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
 from typing import Protocol
 
 
@@ -35,20 +39,34 @@ def is_transient(error: BaseException | None) -> bool:
 # S3 error codes that say the request itself is wrong: retrying cannot help.
 _PERMANENT_S3_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDenied", "403", "InvalidAccessKeyId",
                        "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled", "PreconditionFailed"}
+LOCK_SUFFIX = ".lock"  # a local store's lock files, beside what they guard; never listed
 # Objects are readable by the group and others, as a web server or a colleague expects (not mkstemp's 0600).
 FILE_MODE = 0o644
 
 
 class Storage(Protocol):
+    # Reads worth running at once: S3's latency hides behind threads; a local disk's reads are µs, and threads
+    # would only contend for the GIL (plan of 1,000 finished entries: 1.36 s with 16 threads, 1.05 s with 1).
+    read_concurrency: int
+
     def read_bytes(self, key: str) -> bytes: ...
 
-    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        """Write `data`; with `if_absent`, only if nothing is there yet. True if this call wrote it."""
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None) -> bool:
+        """Write `data`; with `if_absent`, only if nothing is there yet; with `if_version`, only if the object is
+        still the one `read_versioned` saw (a compare-and-swap). True if this call wrote it."""
+        ...
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(content, version) of an object, (None, None) if there is none: what `if_version` compares."""
         ...
 
     def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str = "") -> list[str]: ...
+
+    def walk(self, prefix: str = "") -> Iterator[str]:
+        """The keys under `prefix`, one at a time, in no order (a 100k-entry batch has over a million)."""
+        ...
 
     def url_for(self, key: str) -> str: ...
 
@@ -65,6 +83,8 @@ def _resolve(key: str) -> str:
 
 
 class LocalStorage:
+    read_concurrency = 1
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
@@ -77,7 +97,12 @@ class LocalStorage:
         except OSError as err:
             raise StorageError(f"{self.url_for(key)}: cannot read ({err.strerror or err})") from err
 
-    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None) -> bool:
+        if if_version is not None:
+            with self._locked(key):  # the compare and the swap, with no other writer of this key between
+                if self.read_versioned(key)[1] != if_version:
+                    return False
+                return self.write_bytes(key, data)
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -96,15 +121,37 @@ class LocalStorage:
         finally:
             Path(partial).unlink(missing_ok=True)
 
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None, None
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot read ({err.strerror or err})") from err
+        return data, hashlib.sha256(data).hexdigest()
+
+    @contextlib.contextmanager
+    def _locked(self, key: str):
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}{LOCK_SUFFIX}"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        base = self.root / prefix if prefix else self.root
-        if not base.exists():
-            return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.endswith(".partial"))
+        return sorted(self.walk(prefix))
+
+    def walk(self, prefix: str = "") -> Iterator[str]:
+        # os.walk and string joins: pathlib's rglob and relative_to cost 35 µs a key (50 s for 1.4 M keys).
+        root = os.path.normpath(self.root)
+        base = os.path.normpath(os.path.join(root, prefix)) if prefix else root
+        for folder, _, files in os.walk(base):
+            relative = os.path.relpath(folder, root)
+            head = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+            yield from (head + name for name in files if not name.endswith((".partial", LOCK_SUFFIX)))
 
     def url_for(self, key: str) -> str:
         return str(self._path(key))
@@ -129,6 +176,8 @@ class S3Storage:
     Credentials and endpoint come from the usual AWS sources (env, profile, role); `AWS_ENDPOINT_URL`
     points it at MinIO or another S3-compatible store.
     """
+
+    read_concurrency = 16
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client=None):
         self.bucket, self.prefix = bucket, prefix.strip("/")
@@ -168,8 +217,8 @@ class S3Storage:
         except Exception as err:  # botocore's ClientError, connection errors, …
             raise self._error("read", self._key(key), err) from err
 
-    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
+    def write_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_version: str | None = None) -> bool:
+        extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_version} if if_version is not None else {}
         # A ContentType, so that a browser shows the index, images and JSON instead of downloading them.
         content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
         if key.endswith(".jsonl"):
@@ -180,9 +229,18 @@ class S3Storage:
             return True
         except Exception as err:
             code = getattr(err, "response", {}).get("Error", {}).get("Code")
-            if if_absent and code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            if extra and code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
                 return False
             raise self._error("write", self._key(key), err) from err
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+        except Exception as err:
+            if getattr(err, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None, None
+            raise self._error("read", self._key(key), err) from err
 
     def exists(self, key: str) -> bool:
         try:
@@ -205,15 +263,16 @@ class S3Storage:
             raise self._error("download", self._key(key), err) from err
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.walk(prefix))
+
+    def walk(self, prefix: str = "") -> Iterator[str]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
-        keys = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                keys += [obj["Key"] for obj in page.get("Contents", [])]
+                yield from (obj["Key"][strip:] for obj in page.get("Contents", []))
         except Exception as err:
             raise self._error("list", full, err) from err
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(k[strip:] for k in keys)
 
     def url_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

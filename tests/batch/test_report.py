@@ -93,3 +93,35 @@ def test_the_outputs_load_as_a_dataset_in_one_line(finished):
     # the outputs that answer the manifest now: a (finished before) and b; not d's (changed) nor c (failed)
     assert len(dataset) == 8 and {"image", "target_text", "eta", "seed", "selected"} <= set(dataset.features)
     assert dataset[0]["image"].size == (32, 32)
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_batches_sharing_an_output_root_never_lose_each_others_metadata(kind, tmp_path, request):
+    """Batch B writes metadata.jsonl between batch A's read and A's write: A's compare-and-swap fails, A reads
+    again and merges (it once overwrote B's lines)."""
+    from imagic.batch.report import update_metadata
+    from imagic.io.storage import open_storage
+
+    store = open_storage(str(tmp_path) if kind == "local" else f"s3://{request.getfixturevalue('s3_env')}/shared")
+
+    def rows(batch: str, n: int) -> list[dict]:
+        return [{"file_name": f"{batch}-{i}/eta-1.00_seed-0.png", "entry_id": f"{batch}-{i}", "attempt": 1,
+                 "input_uri": "a.png", "target_text": "t", "model": "toy", "eta": 1.0, "seed": 0, "edit": 0.1,
+                 "fidelity": 0.9, "selected": False, "status": "succeeded"} for i in range(n)]
+
+    update_metadata(store, rows("old", 1))
+    read = store.read_versioned
+    calls = []
+
+    def read_then_let_b_write(key):
+        seen = read(key)
+        if not calls:  # A's first read: B's whole update lands before A writes
+            calls.append(key)
+            update_metadata(store, rows("b", 2))
+        return seen
+
+    store.read_versioned = read_then_let_b_write
+    update_metadata(store, rows("a", 3))
+    lines = [json.loads(line)["entry_id"] for line in store.read_bytes("metadata.jsonl").decode().splitlines()]
+    assert sorted(lines) == ["a-0", "a-1", "a-2", "b-0", "b-1", "old-0"]
+    assert "metadata.jsonl" in store.list() and not [k for k in store.list() if k.endswith(".lock")]
