@@ -7,7 +7,7 @@ RSS are its own:
     report     validate + plan + the batch's report, index, Parquet and metadata.jsonl
 
     python benchmarks/scale.py --sizes 1000,10000            # writes benchmarks/results/scale.json
-    python benchmarks/scale.py --sizes 100000 --keep /data/scale   # 100k: ~4 GB of records, 1.4 M files
+    python benchmarks/scale.py --sizes 100000 --keep /data/scale   # 100k: 1.6 GB of records, 1.4 M files
 
 The parent's memory per finished entry is (RSS holding the plan − RSS holding the validated entries) / N:
 what the plan costs beyond the manifest's own entries (those cost `entries_bytes_per_entry`). Every phase
@@ -115,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--keep", type=Path, help="build the stores here and keep them (default: a temp folder)")
+    parser.add_argument("--reuse", action="store_true", help="with --keep: measure the stores built there before")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--phase", choices=["validate", "plan", "report"], help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
@@ -129,7 +130,8 @@ def main() -> None:
     rows = []
     for n in (int(size) for size in args.sizes.split(",")):
         started = time.perf_counter()
-        store = build(work / f"n{n}", n, record, names, image)
+        reuse = args.reuse and (work / f"n{n}" / "manifest.jsonl").is_file()
+        store = work / f"n{n}" / "store" if reuse else build(work / f"n{n}", n, record, names, image)
         print(f"built {n} entries in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         rows.append(measure(n, store, work / f"n{n}" / "manifest.jsonl"))
         print(json.dumps(rows[-1]), file=sys.stderr)

@@ -291,7 +291,8 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
         return [f"line {line}: must be an object with image and target_text"]
     chosen_preset = preset or spec.preset or defaults.preset or default_preset
     try:
-        config = make_config(chosen_preset, family, **{**defaults.overrides, **spec.overrides, **(overrides or {})})
+        merged = {**defaults.overrides, **spec.overrides, **(overrides or {})}
+        config = _shared_config(chosen_preset, family, repr(sorted(merged.items())), merged)
     except ValidationError as err:
         return _messages(err, f"line {line}: overrides")
     except ValueError as err:
@@ -303,6 +304,20 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
     eid = spec.id or entry_id(spec.image, spec.target_text, config, etas, seeds)
     return Entry(id=eid, line=line, image=spec.image, target_text=spec.target_text, etas=etas, seeds=seeds,
                  preset=chosen_preset, config=config, model=defaults.model)
+
+
+def _shared_config(preset: str, family: Family, key: str, overrides: dict) -> EditConfig:
+    """One frozen EditConfig for every entry that asks the same (`key`: the overrides' repr): a 100k-entry
+    manifest of one preset holds one config, not 100k."""
+    cache_key = (preset, family, key)
+    if cache_key not in _CONFIGS:
+        if len(_CONFIGS) >= 1024:
+            _CONFIGS.clear()
+        _CONFIGS[cache_key] = make_config(preset, family, **overrides)
+    return _CONFIGS[cache_key]
+
+
+_CONFIGS: dict[tuple, EditConfig] = {}
 
 
 def _clean(text: str, limit: int = 1000) -> str:
