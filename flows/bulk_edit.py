@@ -32,7 +32,7 @@ def read_manifest(manifest_uri: str) -> str:
 
 @task(**STORAGE_RETRIES)
 def stage(manifest_uri: str, text: str, output_uri: str) -> str:
-    """The manifest where every pod can read it: a local one is copied into the output store."""
+    """The manifest where every pod can read it (see `stage_manifest`)."""
     return stage_manifest(open_storage(output_uri), manifest_uri, text)
 
 

@@ -170,13 +170,13 @@ def run(
     with _errors():
         overrides = _overrides(set_ or []) or None
         preset_name = Preset(preset).value if preset else None
-        entries = _validate(manifest, preset_name, overrides, model)  # before Prefect starts: a bad file costs no wait
+        entries, text = _validate(manifest, preset_name, overrides, model)  # before Prefect: a bad file costs no wait
         store = open_storage(output)  # a bad scheme, at once
         parameters = dict(output_uri=output, mode=Mode(mode).value, model=model, preset=preset_name,
                           overrides=overrides, chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
                           max_failure_fraction=max_failure_fraction, redo=Redo(redo).value, check_inputs=check_inputs)
         if submit:
-            return _submit(manifest, store, parameters)
+            return _submit(manifest, text, store, parameters)
         _stop_cleanly_on_signals()
         from flows.bulk_edit import bulk_edit
 
@@ -188,20 +188,17 @@ def run(
     console.print(f"[green]done:[/] {state.message}; outputs in {output}")
 
 
-def _submit(manifest: str, store, parameters: dict) -> None:
+def _submit(manifest: str, text: str, store, parameters: dict) -> None:
     """Stage the manifest where the parent pod can read it, submit the parent, say how to follow it."""
     from flows.submit import submit_batch, ui_link
-    from imagic.batch.manifest import read_manifest_text, stage_manifest
+    from imagic.batch.manifest import stage_manifest
     from imagic.batch.outputs import batch_id_for
 
     if parameters["mode"] != Mode.deployment.value:
         raise typer.BadParameter("--submit runs the batch on the work pool: use it with --mode deployment")
-    # Anything but s3:// is copied into the store: a local file is not on the pod's disk, and an http(s) URL may
-    # carry a signature that would become a flow-run parameter.
-    source = manifest if manifest.startswith("s3://") else stage_manifest(store, manifest, read_manifest_text(manifest),
-                                                                           remote_too=True)
-    run = submit_batch({"manifest_uri": source, **parameters,
-                        "batch_id": batch_id_for(manifest.split("?")[0], parameters["output_uri"])})
+    source = stage_manifest(store, manifest, text)
+    batch_id = batch_id_for(manifest, parameters["output_uri"])  # the batch's, whichever copy the parent reads
+    run = submit_batch({"manifest_uri": source, **parameters, "batch_id": batch_id})
     console.print(f"[green]submitted:[/] flow run {run.id} ({run.name}); manifest staged at {source}")
     if link := ui_link(run.id):
         console.print(f"UI: {link}")
@@ -226,14 +223,16 @@ def _stop_cleanly_on_signals() -> None:
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _validate(manifest: str, preset: str | None, overrides: dict | None, model: str | None = None) -> list:
-    """The manifest's valid entries; a file that cannot run at all raises (one line per problem)."""
+def _validate(manifest: str, preset: str | None, overrides: dict | None,
+              model: str | None = None) -> tuple[list, str]:
+    """The manifest's valid entries and its text; a file that cannot run at all raises (one line per problem)."""
     from imagic.batch.manifest import detect_format, read_manifest_text, runnable, validate_manifest
     from imagic.batch.settings import Settings
 
     fmt = detect_format(manifest)
-    return runnable(*validate_manifest(read_manifest_text(manifest), fmt, preset=preset, overrides=overrides,
-                                       model=model, settings=Settings.from_env()))
+    text = read_manifest_text(manifest)
+    return runnable(*validate_manifest(text, fmt, preset=preset, overrides=overrides, model=model,
+                                       settings=Settings.from_env())), text
 
 
 manifest_app = typer.Typer(help="Manifests: validate them, print their JSON Schema.", no_args_is_help=True)
@@ -326,7 +325,7 @@ def _status_plan(manifest: str, store, model: str | None) -> None:
     from imagic.batch.manifest import batch_model
     from imagic.batch.plan import plan
 
-    entries = _validate(manifest, None, None, model)
+    entries, _ = _validate(manifest, None, None, model)
     planned = plan(entries, store, model=batch_model(entries, model))
     console.print(f"{manifest}: {len(planned.todo)} to do, {len(planned.done)} done, {len(planned.changed)} changed, "
                   f"{len(planned.failed)} failed and not retried")

@@ -36,7 +36,8 @@ def release(store: Storage, folder: str, holder: str) -> None:
     """End `holder`'s lease on `folder` now (an expired claim on top), so a re-run need not wait for it."""
     number, latest = _latest_claim(store, folder)
     if latest and latest["holder"] == holder:
-        store.write_bytes(claim_key(folder, number + 1), json_bytes({"holder": holder, "expires_at": 0.0}), if_absent=True)
+        ended = json_bytes({"holder": holder, "expires_at": 0.0})
+        store.write_bytes(claim_key(folder, number + 1), ended, if_absent=True)
 
 
 def _latest_claim(store: Storage, folder: str) -> tuple[int, dict | None]:

@@ -29,7 +29,6 @@ from imagic.io.storage import Storage
 Format = Literal["jsonl", "csv", "yaml"]
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 IMAGE_SCHEMES = ("s3://", "file://", "http://", "https://")
-REMOTE_SCHEMES = ("s3://", "http://", "https://")  # what a pod can read as well as the caller
 
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # a million entries is ~150 MB of JSONL; 64 MB is far past any single batch
@@ -239,11 +238,12 @@ def read_entries_jsonl(data: bytes) -> list[Entry]:
     return [Entry.model_validate_json(line) for line in data.decode().splitlines() if line]
 
 
-def stage_manifest(store: Storage, manifest_uri: str, text: str, *, remote_too: bool = False) -> str:
-    """A manifest on this machine's disk, copied into the output store once per content (a pod cannot read the
-    caller's disk; a later run that finds other content gets a new copy); its URI there. A remote one stays
-    where it is unless `remote_too`."""
-    if manifest_uri.startswith(REMOTE_SCHEMES) and not remote_too:
+def stage_manifest(store: Storage, manifest_uri: str, text: str) -> str:
+    """The manifest where every pod of a batch can read it: an s3:// one stays where it is; any other is copied
+    into the output store once per content (a pod cannot read the caller's disk, and an http(s) URL may carry a
+    signature that must not become a flow-run parameter); a later run that finds other content gets a new
+    copy. Returns its URI."""
+    if manifest_uri.startswith("s3://"):
         return manifest_uri
     key = staged_manifest_key(manifest_uri, text)
     store.write_bytes(key, text.encode("utf-8"), if_absent=True)

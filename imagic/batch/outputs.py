@@ -98,8 +98,9 @@ def scan(keys: Iterable[str]) -> dict[str, Attempts]:
 
 
 def batch_id_for(manifest_uri: str, output_uri: str) -> str:
-    """A batch is a manifest written into an output store: re-runs of it share their reports' folder."""
-    return hashlib.sha256(f"{manifest_uri}|{output_uri}".encode()).hexdigest()[:12]
+    """A batch is a manifest written into an output store: re-runs of it share their reports' folder (a re-signed
+    manifest URL too: its signature is not part of the name)."""
+    return hashlib.sha256(f"{redact_uri(manifest_uri)}|{output_uri}".encode()).hexdigest()[:12]
 
 
 def batch_key(batch_id: str, name: str, run: str | None = None) -> str:

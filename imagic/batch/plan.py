@@ -44,7 +44,8 @@ class Plan:
 
 def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | None = None,
          redo: Redo = Redo.failed, rehash_inputs: bool = True) -> Plan:
-    """Sort entries by what the store holds for them (one listing; records and inputs read in parallel).
+    """Sort entries by what the store holds for them (one listing; records and inputs read in parallel where
+    the store gains from it).
 
     `rehash_inputs` re-reads the input of every finished entry to compare its content hash with the
     record's: an image replaced under the same URI is `changed`, not silently skipped.
@@ -65,7 +66,7 @@ def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | 
         else:  # failed, or started and never finished (a killed worker): try again in the same folder
             result.todo.append(entry.model_copy(update={"attempt": latest}))
 
-    def compare(item: tuple[Entry, int]) -> tuple[Entry, int, dict, list[str]]:
+    def compare(item: tuple[Entry, int]) -> tuple[Entry, int, bytes, list[str]]:
         entry, attempt = item
         record = json.loads(store.read_bytes(f"{attempt_folder(entry.id, attempt)}/{RECORD_FILE}"))
         wanted = request(input_uri=entry.image, target_text=entry.target_text, model=model, model_sha256=model_hash,
@@ -74,14 +75,14 @@ def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | 
         return entry, attempt, record_summary(record), request_changes(record, wanted)
 
     with ThreadPoolExecutor(max_workers=store.read_concurrency) as pool:
-        for entry, attempt, record, changes in pool.map(compare, finished):
+        for entry, attempt, summary, changes in pool.map(compare, finished):
             redo_this = redo_level >= _REDO_ORDER.index(Redo.all if not changes else Redo.changed)
             if redo_this:
                 result.todo.append(entry.model_copy(update={"attempt": attempt + 1}))
             elif changes:
-                result.changed.append((entry, record, changes))
+                result.changed.append((entry, summary, changes))
             else:
-                result.done.append((entry, record))
+                result.done.append((entry, summary))
     return result
 
 
