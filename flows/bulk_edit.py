@@ -13,6 +13,7 @@ from flows.artifacts import MAX_FAILURE_FRACTION, Progress, final_state, publish
 from flows.dispatch import EDIT_CHUNK_DEPLOYMENT, dispatch_deployments
 from flows.edit_chunk import load_editor, run_chunk
 from flows.retry import STORAGE_RETRIES
+from imagic.batch.catalogue import update_catalogue
 from imagic.batch.manifest import (Entry, Rejected, batch_model, detect_format, read_manifest_text, runnable,
                                    stage_manifest, validate_manifest)
 from imagic.batch.outputs import batch_id_for
@@ -37,10 +38,16 @@ def stage(manifest_uri: str, text: str, output_uri: str) -> str:
 
 
 @task(**STORAGE_RETRIES)
-def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, check_inputs: bool) -> Plan:
-    """Resume by request: done, changed (not redone unless asked), failed, to do — see imagic.batch.plan."""
-    return plan(entries, open_storage(output_uri), model=model, model_hash=known_model_sha256(model), redo=redo,
-                rehash_inputs=check_inputs)
+def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, check_inputs: bool,
+               settings: Settings) -> Plan:
+    """Resume by request: done, changed (not redone unless asked), failed, to do — see imagic.batch.plan. The
+    records it had to read go into the store's catalogue, so that the next run need not read them."""
+    store = open_storage(output_uri)
+    planned = plan(entries, store, model=model, model_hash=known_model_sha256(model), redo=redo,
+                   rehash_inputs=check_inputs, input_allowed=settings.input_allowed)
+    update_catalogue(store, planned.catalogue)
+    planned.catalogue.clear()
+    return planned
 
 
 @task(**STORAGE_RETRIES)
@@ -81,7 +88,7 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
                                                          overrides=overrides, model=model, settings=settings)
     entries = runnable(entries, rejected, file_problems)
     model = batch_model(entries, model)
-    planned = plan_batch(entries, output_uri, model, Redo(redo), check_inputs)
+    planned = plan_batch(entries, output_uri, model, Redo(redo), check_inputs, settings)
     batch_id = batch_id or batch_id_for(manifest_uri, output_uri)
     for level, message in plan_summary(planned, rejected):
         get_run_logger().log(level, message)

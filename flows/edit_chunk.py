@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import prefect.runtime.flow_run
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.retry import MODEL_LOAD_RETRIES, STORAGE_RETRIES
-from imagic import Editor
 from imagic.batch.manifest import Entry, read_entries_jsonl
 from imagic.batch.outputs import RECORD_FILE
 from imagic.batch.run import run_entry
@@ -15,11 +16,16 @@ from imagic.batch.settings import Settings
 from imagic.engine.builtins import DEFAULT_MODEL
 from imagic.io.storage import open_storage
 
+if TYPE_CHECKING:
+    from imagic.engine.editor import Editor
+
 
 @task(**MODEL_LOAD_RETRIES, cache_policy=NO_CACHE)
 def load_editor(model: str, device: str = "auto") -> Editor:
     """Load the pipeline, syncing an s3:// model to the local cache first (retried: both are I/O)."""
-    import torch
+    import torch  # here, not at import: a parent that only plans and dispatches never loads torch
+
+    from imagic.engine.editor import Editor
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,6 +10,8 @@ with the request they answer. One schema version for the records and the batch's
                                 are never overwritten, so nothing a user already has disappears
     line-N@invalid/             error.json of a manifest line that failed validation
     _manifests/<name>-<hash>.jsonl   a manifest staged into the store, so that no pod reads the caller's disk
+    _catalogue/<xx>.jsonl       what each finished record answers, with its summary: a re-run reads these
+                                256 shards, not every record (imagic/batch/catalogue.py)
     metadata.jsonl              ImageFolder metadata of every finished output (`datasets` reads the folder)
     _batches/<batch id>/        report.json, index.html, edits.parquet of the latest run of a batch
     _batches/<batch id>/runs/<run>/   the same, for every run (earlier reports are kept)
@@ -150,7 +152,8 @@ def versions() -> dict[str, str]:
 
 def edit_record(result: EditResult, *, entry_id: str, attempt: int, manifest_line: int | None, folder: str,
                 input_uri: str, input_bytes: bytes, model: str, model_sha256: str | None, preset: str, device: str,
-                url_for: Callable[[str], str], wall_seconds: float, toy_metrics: list[dict] | None = None) -> dict:
+                url_for: Callable[[str], str], wall_seconds: float, toy_metrics: list[dict] | None = None,
+                input_fingerprint: str | None = None) -> dict:
     """`record.json`: schema-versioned and JSON-ready. `url_for(name)` locates a file of the entry's folder."""
     images = [{"eta": eta, "seed": seed, "file": image_name(eta, seed), **result.scores.get((eta, seed), {}),
                "uri": url_for(image_name(eta, seed))} for eta, seed in sorted(result.images)]
@@ -161,7 +164,7 @@ def edit_record(result: EditResult, *, entry_id: str, attempt: int, manifest_lin
         "attempt": attempt,
         "created_at": _now(),
         "input": {"uri": redact_uri(input_uri), "sha256": sha256(input_bytes), "size_bytes": len(input_bytes),
-                  "transform": result.input_transform},
+                  "fingerprint": input_fingerprint, "transform": result.input_transform},
         "target_text": result.target_text,
         "model": model,
         "model_sha256": model_sha256,
@@ -243,6 +246,11 @@ def request(*, input_uri: str, target_text: str, model: str, config: dict, etas,
     return {"input_uri": redact_uri(input_uri), "input_sha256": input_sha256, "target_text": target_text, "model": model,
             "model_sha256": model_sha256, "config": config, "etas": [float(e) for e in etas],
             "seeds": [int(s) for s in seeds]}
+
+
+def request_digest(wanted: dict) -> str:
+    """A request as one hash: two requests are the same exactly when their digests are."""
+    return sha256(json.dumps(wanted, sort_keys=True, separators=(",", ":")).encode())
 
 
 def request_of_record(record: dict) -> dict:

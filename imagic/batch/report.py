@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
-import time
 from collections import Counter
 from datetime import datetime, timezone
 from html import escape
@@ -19,7 +17,7 @@ from html import escape
 from imagic.batch.outputs import (BATCHES, DATASET_FILE, ERROR_FILE, INDEX_FILE, METADATA_FILE, REPORT_FILE,
                                   SCHEMA_VERSION, SHEET_FILE, attempt_folder, batch_key, relative_link, scan)
 from imagic.engine.result import SELECTED_FILE
-from imagic.io.storage import Storage, StorageError
+from imagic.io.storage import Storage, StorageError, compare_and_swap
 FINISHED = ("succeeded", "already_done", "finished_before", "changed")  # statuses whose row has outputs
 SHARED_INDEX_FILE = "index.shared.html"  # links that open in a browser without credentials (S3: presigned)
 
@@ -174,27 +172,11 @@ def metadata_jsonl(rows: list[dict], earlier: bytes | None) -> bytes:
     return "".join(json.dumps(line) + "\n" for line in sorted(lines, key=lambda line: line["file_name"])).encode()
 
 
-METADATA_TRIES = 20
-
-
 def update_metadata(store: Storage, rows: list[dict]) -> None:
-    """Merge this batch's rows into the store's `metadata.jsonl` with a compare-and-swap (S3: If-Match on the
-    ETag; local: under a lock), retried while another batch writes between our read and our write: batches
-    sharing an output root never lose each other's lines. One file, not one per batch: `datasets`' ImageFolder
-    reads a single metadata file per folder."""
-    for attempt in range(METADATA_TRIES):
-        earlier, version = store.read_versioned(METADATA_FILE)
-        merged = metadata_jsonl(rows, earlier)
-        if merged == earlier:
-            return
-        if version is None:
-            written = store.write_bytes(METADATA_FILE, merged, if_absent=True)
-        else:
-            written = store.write_bytes(METADATA_FILE, merged, if_version=version)
-        if written:
-            return
-        time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
-    raise StorageError(f"{store.url_for(METADATA_FILE)}: changed by other writers {METADATA_TRIES} times in a row")
+    """Merge this batch's rows into the store's `metadata.jsonl` with a compare-and-swap, so that batches
+    sharing an output root never lose each other's lines. One file, not one per batch: `datasets`'
+    ImageFolder reads a single metadata file per folder."""
+    compare_and_swap(store, METADATA_FILE, lambda earlier: metadata_jsonl(rows, earlier))
 
 
 def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict[str, str]:

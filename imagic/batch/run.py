@@ -23,7 +23,7 @@ from imagic.engine.identity import model_sha256
 from imagic.engine.images import ImageError, load_image
 from imagic.engine.result import png_bytes
 from imagic.toy.metrics import toy_metrics
-from imagic.io.inputs import read_uri
+from imagic.io.inputs import read_input
 from imagic.io.redaction import redact_text, redact_uri
 from imagic.io.storage import Storage, StorageError
 
@@ -83,7 +83,8 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
                                          f"{settings.allowed_inputs} (operator setting "
                                          f"{settings.env_name('allowed_inputs')})")
     try:
-        input_bytes = read_uri(entry.image, max_bytes=settings.max_input_bytes, timeout_s=settings.input_timeout_s)
+        input_bytes, input_fingerprint = read_input(entry.image, max_bytes=settings.max_input_bytes,
+                                                    timeout_s=settings.input_timeout_s)
         image = load_image(input_bytes, name=redact_uri(entry.image))
         editor.check_inputs(entry.config, entry.etas, entry.seeds)
         result = editor.edit(image, entry.target_text, entry.config, entry.etas, entry.seeds, callback,
@@ -107,7 +108,7 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
         store.write_bytes(key(name), data)
     record = edit_record(
         result, entry_id=entry.id, attempt=entry.attempt, manifest_line=entry.line, folder=folder,
-        input_uri=entry.image, input_bytes=input_bytes, model=model,
+        input_uri=entry.image, input_bytes=input_bytes, input_fingerprint=input_fingerprint, model=model,
         model_sha256=model_sha256(editor.pipeline.name_or_path), preset=entry.preset, device=str(editor.device),
         url_for=lambda name: store.url_for(key(name)), wall_seconds=time.perf_counter() - started,
         toy_metrics=toy_metrics(entry.target_text, result.images) if has_oracle(model) else None,

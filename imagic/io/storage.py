@@ -11,11 +11,13 @@ import fcntl
 import hashlib
 import mimetypes
 import os
+import random
 import tempfile
 import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from collections.abc import Iterator
 from typing import Protocol
 
 
@@ -66,6 +68,13 @@ class Storage(Protocol):
 
     def walk(self, prefix: str = "") -> Iterator[str]:
         """The keys under `prefix`, one at a time, in no order (a 100k-entry batch has over a million)."""
+        ...
+
+    def listing(self, prefix: str = "", *, name: str | None = None) -> Iterator[tuple[str, str | None]]:
+        """`walk`, each key with its *fingerprint* — what a listing says of an object's content without reading
+        it (S3: the ETag; a local file: size and mtime), so that a changed object is noticed without reading
+        it — for keys whose file name is `name` (every key when None; the rest get None: a local fingerprint
+        costs a stat)."""
         ...
 
     def url_for(self, key: str) -> str: ...
@@ -153,12 +162,46 @@ class LocalStorage:
             head = "" if relative == "." else relative.replace(os.sep, "/") + "/"
             yield from (head + name for name in files if not name.endswith((".partial", LOCK_SUFFIX)))
 
+    def listing(self, prefix: str = "", *, name: str | None = None) -> Iterator[tuple[str, str | None]]:
+        for key in self.walk(prefix):
+            if name is not None and key.rpartition("/")[2] != name:
+                yield key, None
+                continue
+            try:
+                yield key, file_fingerprint(os.stat(os.path.join(self.root, key)))
+            except FileNotFoundError:  # removed since it was listed
+                continue
+
     def url_for(self, key: str) -> str:
         return str(self._path(key))
 
     def share_url(self, key: str, expires_s: int = 0) -> str:
         """A link a browser on this machine opens."""
         return self._path(key).resolve().as_uri()
+
+
+def file_fingerprint(info: os.stat_result) -> str:
+    """A local file's fingerprint: what changes when its content is replaced, read without reading it."""
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def compare_and_swap(store: Storage, key: str, update: Callable[[bytes | None], bytes], *, tries: int = 20) -> None:
+    """Replace an object shared by concurrent writers with `update(its content)` (None when there is none):
+    read it with its version, write only if it is still that version (S3: If-Match on the ETag; local: under
+    a lock), and start again after a short random wait when another writer came between."""
+    for attempt in range(tries):
+        earlier, version = store.read_versioned(key)
+        merged = update(earlier)
+        if merged == earlier:
+            return
+        if version is None:
+            written = store.write_bytes(key, merged, if_absent=True)
+        else:
+            written = store.write_bytes(key, merged, if_version=version)
+        if written:
+            return
+        time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())
+    raise StorageError(f"{store.url_for(key)}: changed by other writers {tries} times in a row", transient=True)
 
 
 def _read_umask() -> int:
@@ -205,13 +248,17 @@ class S3Storage:
                             transient=code not in _PERMANENT_S3_CODES)
 
     def read_bytes(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return self.get(key, max_bytes=max_bytes)[0]
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> tuple[bytes, str]:
+        """(content, fingerprint: the ETag) of an object, at most `max_bytes` of it."""
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             if max_bytes is not None and response["ContentLength"] > max_bytes:
                 response["Body"].close()
                 raise StorageError(f"s3://{self.bucket}/{self._key(key)}: {response['ContentLength']:,} bytes, "
                                    f"over the limit of {max_bytes:,}")
-            return response["Body"].read()
+            return response["Body"].read(), response["ETag"]
         except StorageError:
             raise
         except Exception as err:  # botocore's ClientError, connection errors, …
@@ -266,11 +313,14 @@ class S3Storage:
         return sorted(self.walk(prefix))
 
     def walk(self, prefix: str = "") -> Iterator[str]:
+        return (key for key, _ in self.listing(prefix))
+
+    def listing(self, prefix: str = "", *, name: str | None = None) -> Iterator[tuple[str, str | None]]:
         full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                yield from (obj["Key"][strip:] for obj in page.get("Contents", []))
+                yield from ((obj["Key"][strip:], obj["ETag"]) for obj in page.get("Contents", []))
         except Exception as err:
             raise self._error("list", full, err) from err
 

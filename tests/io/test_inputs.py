@@ -80,3 +80,47 @@ def test_s3_reads_are_bounded(s3_env):
     store.write_bytes("big.png", b"x" * 5000)
     with pytest.raises(StorageError, match="5,000 bytes, over the limit of 1,000"):
         read_uri(f"s3://{s3_env}/big.png", max_bytes=1000)
+
+
+def test_an_input_fingerprint_is_what_a_read_saw_and_costs_one_listing_per_s3_folder(s3_env, tmp_path, monkeypatch):
+    import os
+
+    from imagic.io import inputs
+    from imagic.io.inputs import input_fingerprints, read_input
+    from imagic.io.storage import S3Storage
+
+    store = open_storage(f"s3://{s3_env}")
+    for name in ("a.png", "b.png", "c.png"):
+        store.write_bytes(f"img/{name}", name.encode())
+    (tmp_path / "d.png").write_bytes(b"ddd")
+    listings = []
+    listing = S3Storage.listing
+    monkeypatch.setattr(S3Storage, "listing", lambda self, prefix="", **k: listings.append(prefix)
+                        or listing(self, prefix, **k))
+    uris = [f"s3://{s3_env}/img/{n}" for n in ("a.png", "b.png", "c.png", "gone.png")] + [str(tmp_path / "d.png")]
+    found = input_fingerprints(uris)
+    assert listings == ["img/"] and found[uris[3]] is None  # one listing for the folder; a missing one is None
+    assert all(found[uri] == read_input(uri)[1] is not None for uri in uris[:3] + uris[4:])
+
+    (tmp_path / "d.png").write_bytes(b"other")
+    os.utime(tmp_path / "d.png", ns=(1, 1))
+    store.write_bytes("img/a.png", b"other")
+    later = input_fingerprints(uris)
+    assert later[uris[0]] != found[uris[0]] and later[uris[4]] != found[uris[4]] and later[uris[1]] == found[uris[1]]
+
+    class Handler(http.server.SimpleHTTPRequestHandler):  # HEAD answers Last-Modified and Content-Length
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = f"http://127.0.0.1:{server.server_port}/d.png"
+        assert input_fingerprints([web])[web] == read_input(web)[1] is not None
+        assert input_fingerprints([web + "x"])[web + "x"] is None
+    finally:
+        server.shutdown()
+    assert inputs.input_fingerprints(["http://127.0.0.1:9/x.png"]) == {"http://127.0.0.1:9/x.png": None}

@@ -107,3 +107,14 @@ def test_one_s3_client_per_process_made_once_under_threads(s3_env):
     assert len({id(client) for client in clients}) == 1
     stores[0].write_bytes("a.txt", b"x")
     assert open_storage(f"s3://{s3_env}").list() == ["p0/a.txt"]
+
+
+def test_a_listing_fingerprints_what_it_is_asked_to_and_notices_a_rewrite(store):
+    store.write_bytes("e1/record.json", b"{}")
+    store.write_bytes("e1/a.png", b"png")
+    first = dict(store.listing(name="record.json"))
+    assert set(first) == {"e1/record.json", "e1/a.png"} and first["e1/record.json"]
+    if isinstance(store, LocalStorage):
+        assert first["e1/a.png"] is None  # a stat only where one is wanted
+    store.write_bytes("e1/record.json", b'{"other": 1}')
+    assert dict(store.listing(name="record.json"))["e1/record.json"] != first["e1/record.json"]
