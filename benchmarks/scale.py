@@ -1,18 +1,19 @@
 """The parent's work as a batch grows: a re-run over N finished entries (real-shaped records, cloned from a
-real edit of the toy model), in a local store. Each phase runs in a fresh process, so its seconds and peak
-RSS are its own:
+real edit of the toy model), in a local store. Each phase runs in a fresh process that imports what the parent
+flow imports (flows.bulk_edit: Prefect, not torch), so its seconds and peak RSS are its own:
 
-    validate   read and validate the manifest (N entries)
-    plan       validate + plan: one listing, every record read and compared, every input re-hashed
-    report     validate + plan + the batch's report, index, Parquet and metadata.jsonl
+    validate     read and validate the manifest (N entries)
+    plan_first   validate + plan with no catalogue yet: every record read (and its catalogue line written)
+    plan         validate + plan of a re-run: one listing and the catalogue, no record read, no input re-hashed
+    report       validate + plan + the batch's report, paged index, Parquet and metadata.jsonl
+    collect      validate + read the records of all N entries (summaries held), as a first run does after editing
+    dispatch     per chunk of 8: the parent writes its slice, the chunk run reads it back (seconds a chunk)
 
     python benchmarks/scale.py --sizes 1000,10000            # writes benchmarks/results/scale.json
     python benchmarks/scale.py --sizes 100000 --keep /data/scale   # 100k: 1.6 GB of records, 1.4 M files
 
 The parent's memory per finished entry is (RSS holding the plan − RSS holding the validated entries) / N:
-what the plan costs beyond the manifest's own entries (those cost `entries_bytes_per_entry`). Every phase
-imports torch and diffusers first, as the parent flow does (its chunk flow's editor): that is most of the
-peak at small N.
+what the plan costs beyond the manifest's own entries (those cost `entries_bytes_per_entry`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -43,7 +43,7 @@ def real_record(work: Path) -> tuple[dict, list[str], Path]:
     from imagic.io.storage import LocalStorage
 
     image = work / "input.png"
-    shutil.copy(REPO / "examples" / "toy" / "red-circle-on-black.png", image)
+    shutil.copy2(REPO / "examples" / "toy" / "red-circle-on-black.png", image)  # its mtime too: a stable fingerprint
     entry = single_entry(str(image), TARGET, entry_id="real", model="toy")
     store = LocalStorage(work / "real")
     record = run_entry(Editor.from_pretrained("toy"), entry, store, model="toy", settings=Settings.defaults())
@@ -69,43 +69,83 @@ def build(root: Path, n: int, record: dict, names: list[str], image: Path) -> Pa
     return store
 
 
-def phase(name: str, store: Path, manifest: Path) -> dict:
-    """One phase in this process (run by `--phase`): seconds of the phase, and the process's peak RSS."""
-    from imagic.batch.manifest import read_manifest_text, runnable, validate_manifest
-    from imagic.batch.plan import plan
+def peak_rss() -> int:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (getrusage's ru_maxrss keeps the forking
+    parent's, here the process that ran a toy edit with torch loaded)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+PHASES = ("validate", "plan_first", "plan", "report", "collect", "dispatch")
+CHUNKS = 50  # chunk slices written and read back by the dispatch phase
+
+
+def phase(name: str, store_root: Path, manifest: Path) -> dict:
+    """One phase in this process (run by `--phase`): seconds of its steps, and the process's peak RSS."""
+    import flows.bulk_edit  # noqa: F401  what the parent flow's process holds before it reads anything
+    from imagic.batch.catalogue import update_catalogue
+    from imagic.batch.manifest import entries_jsonl, read_entries_jsonl, read_manifest_text, runnable, validate_manifest
+    from imagic.batch.outputs import chunk_slice_key
+    from imagic.batch.plan import chunk, plan
     from imagic.batch.report import batch_report, run_info, run_records, write_report
-    from imagic.batch.run import read_records
+    from imagic.batch.run import read_summaries
     from imagic.engine.identity import known_model_sha256
     from imagic.io.storage import LocalStorage
 
-    imported = psutil.Process().memory_info().rss  # torch and diffusers are in every parent (the chunk flow's)
-    started = time.perf_counter()
-    entries = runnable(*validate_manifest(read_manifest_text(str(manifest)), "jsonl"))
-    seconds = {"validate": time.perf_counter() - started}
-    if name in ("plan", "report"):
+    imported = psutil.Process().memory_info().rss
+    seconds, store = {}, LocalStorage(store_root)
+
+    def timed(step, work):
         started = time.perf_counter()
-        planned = plan(entries, LocalStorage(store), model="toy", model_hash=known_model_sha256("toy"))
-        seconds["plan"] = time.perf_counter() - started
+        result = work()
+        seconds[step] = time.perf_counter() - started
+        return result
+
+    entries = timed("validate", lambda: runnable(*validate_manifest(read_manifest_text(str(manifest)), "jsonl")))
+    held = {}
+    if name in ("plan_first", "plan", "report"):
+        planned = timed("plan", lambda: plan(entries, store, model="toy", model_hash=known_model_sha256("toy")))
         assert len(planned.done) == len(entries), (len(planned.done), len(planned.changed), len(planned.todo))
+        assert bool(planned.catalogue) == (name == "plan_first"), len(planned.catalogue)
+        timed("catalogue", lambda: update_catalogue(store, planned.catalogue))
+        planned.catalogue.clear()
+        held["plan"] = planned
     if name == "report":
-        started = time.perf_counter()
-        out = LocalStorage(store)
-        records = run_records(planned, rejected=[], edited=read_records(planned.todo, out),
-                              failed_before=read_records(planned.failed, out))
-        report = batch_report("scale", records, seconds=0.0, run=run_info("run-1", str(manifest), str(store), "toy", "failed"))
-        write_report(out, report, {r["entry_id"]: r for r in records})
-        seconds["report"] = time.perf_counter() - started
-    held = psutil.Process().memory_info().rss  # with the phase's results still alive
-    return {"seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "rss_after_imports_bytes": imported, "rss_held_bytes": held}
+        def records():
+            return run_records(planned, rejected=[], edited=[], failed_before=[])
+
+        run = run_info("run-1", str(manifest), str(store_root), "toy", "failed")
+        report = timed("report", lambda: batch_report("scale", records(), seconds=0.0, run=run))
+        timed("write", lambda: write_report(store, report, records()))
+    if name == "collect":
+        held["records"] = timed("collect", lambda: read_summaries(entries, store))
+    if name == "dispatch":
+        chunks = chunk(entries, 8)[:CHUNKS]
+
+        def write_and_read():
+            for i, entries_of_chunk in enumerate(chunks):
+                key = chunk_slice_key("scale", f"chunk-{i}")
+                store.write_bytes(key, entries_jsonl(entries_of_chunk))
+                assert len(read_entries_jsonl(store.read_bytes(key))) == len(entries_of_chunk)
+
+        timed("chunks", write_and_read)
+        seconds["per_chunk"] = seconds.pop("chunks") / len(chunks)
+    held_rss = psutil.Process().memory_info().rss  # with the phase's results still alive
+    return {"seconds": seconds, "peak_rss_bytes": peak_rss(),
+            "rss_after_imports_bytes": imported, "rss_held_bytes": held_rss}
 
 
 def measure(n: int, store: Path, manifest: Path) -> dict:
     row = {"entries": n}
-    for name in ("validate", "plan", "report"):
+    shutil.rmtree(store / "_catalogue", ignore_errors=True)  # plan_first plans without one
+    for name in PHASES:
         out = subprocess.run([sys.executable, __file__, "--phase", name, "--store", str(store), "--manifest",
-                              str(manifest)], check=True, capture_output=True, text=True, cwd=REPO)
+                              str(manifest)], check=True, capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
         row[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {n} {name}: {json.dumps(row[name])}", file=sys.stderr)
     row["plan_bytes_per_entry"] = (row["plan"]["rss_held_bytes"] - row["validate"]["rss_held_bytes"]) / n
     row["entries_bytes_per_entry"] = (row["validate"]["rss_held_bytes"] - row["validate"]["rss_after_imports_bytes"]) / n
     return row
@@ -117,7 +157,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="build the stores here and keep them (default: a temp folder)")
     parser.add_argument("--reuse", action="store_true", help="with --keep: measure the stores built there before")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
-    parser.add_argument("--phase", choices=["validate", "plan", "report"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,12 +180,15 @@ def main() -> None:
     result = {"record_bytes": len(json.dumps(record)), "files_per_entry": len(names), "cpu_count": os.cpu_count(),
               "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'entries':>8} {'validate s':>10} {'plan s':>8} {'report s':>9} {'plan peak MB':>12} "
-          f"{'report peak MB':>14} {'plan B/entry':>12}")
+    print(f"{'entries':>8} {'validate s':>10} {'plan₁ s':>8} {'plan s':>7} {'report s':>9} {'collect s':>9} "
+          f"{'chunk ms':>8} {'plan peak MB':>12} {'report peak MB':>14} {'plan B/entry':>12}")
     for row in rows:
-        print(f"{row['entries']:>8} {row['validate']['seconds']['validate']:>10.2f} {row['plan']['seconds']['plan']:>8.1f} "
-              f"{row['report']['seconds']['report']:>9.1f} {row['plan']['peak_rss_bytes'] / 2**20:>12.0f} "
-              f"{row['report']['peak_rss_bytes'] / 2**20:>14.0f} {row['plan_bytes_per_entry']:>12.0f}")
+        print(f"{row['entries']:>8} {row['validate']['seconds']['validate']:>10.2f} "
+              f"{row['plan_first']['seconds']['plan']:>8.1f} {row['plan']['seconds']['plan']:>7.1f} "
+              f"{row['report']['seconds']['report'] + row['report']['seconds']['write']:>9.1f} "
+              f"{row['collect']['seconds']['collect']:>9.1f} {1000 * row['dispatch']['seconds']['per_chunk']:>8.1f} "
+              f"{row['plan']['peak_rss_bytes'] / 2**20:>12.0f} {row['report']['peak_rss_bytes'] / 2**20:>14.0f} "
+              f"{row['plan_bytes_per_entry']:>12.0f}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from imagic.batch.manifest import (Entry, Rejected, batch_model, detect_format, 
 from imagic.batch.outputs import batch_id_for
 from imagic.batch.plan import Plan, Redo, chunk, plan, plan_summary
 from imagic.batch.report import batch_report, run_info, run_records, write_report
-from imagic.batch.run import read_records, reject
+from imagic.batch.run import read_summaries, reject
 from imagic.batch.settings import Settings
 from imagic.engine.identity import known_model_sha256
 from imagic.io.storage import open_storage
@@ -55,11 +55,14 @@ def report_batch(output_uri: str, batch_id: str, planned: Plan, rejected: list[R
                  started: float) -> tuple[dict, dict]:
     """Every entry of the manifest with what this run did with it: report, index, dataset (and their links)."""
     store = open_storage(output_uri)
-    records = run_records(planned, rejected=reject(store, rejected),
-                          edited=read_records(planned.todo, store, run["run_id"]),
-                          failed_before=read_records(planned.failed, store))
-    report = batch_report(batch_id, records, seconds=time.perf_counter() - started, run=run)
-    return report, write_report(store, report, {r["entry_id"]: r for r in records})
+    rejected_now, edited = reject(store, rejected), read_summaries(planned.todo, store, run["run_id"])
+    failed_before = read_summaries(planned.failed, store)
+
+    def records():  # streamed twice, never held: once for the report's rows, once for the dataset
+        return run_records(planned, rejected=rejected_now, edited=edited, failed_before=failed_before)
+
+    report = batch_report(batch_id, records(), seconds=time.perf_counter() - started, run=run)
+    return report, write_report(store, report, records())
 
 
 def run_name() -> str:

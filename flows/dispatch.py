@@ -37,6 +37,9 @@ def write_chunk(entries: list[Entry], output_uri: str, batch_id: str, key: str) 
     return slice_key
 
 
+CHUNK_TRIES = 3  # runs of one chunk: a preempted or lost pod's chunk is run again (each resumes what it saved)
+
+
 @task(**DISPATCH_RETRIES, cache_policy=NO_CACHE)
 def run_chunk_deployment(entries: list[Entry], output_uri: str, model: str, device: str, deployment: str,
                          key: str, chunk: str, holder: str) -> int:
@@ -46,16 +49,20 @@ def run_chunk_deployment(entries: list[Entry], output_uri: str, model: str, devi
     input URIs may carry credentials, and flow-run parameters are stored and shown by Prefect."""
     from prefect.deployments import run_deployment
 
-    child = run_deployment(
-        deployment,
-        parameters={"entries": [{"id": e.id, "attempt": e.attempt} for e in entries], "output_uri": output_uri,
-                    "model": model, "device": device, "chunk": chunk, "holder": holder},
-        idempotency_key=key, timeout=None, as_subflow=True,
-    )
-    if not child.state or not child.state.is_completed():
-        # Per-entry failures are records, so a failed child means lost infrastructure (OOM, evicted pod):
-        # its entries show up as `not_run` in the report and are redone by the next run of the batch.
-        get_run_logger().warning("chunk run %s ended %s", child.name, child.state.name if child.state else None)
+    for attempt in range(1, CHUNK_TRIES + 1):
+        child = run_deployment(
+            deployment,
+            parameters={"entries": [{"id": e.id, "attempt": e.attempt} for e in entries], "output_uri": output_uri,
+                        "model": model, "device": device, "chunk": chunk, "holder": holder},
+            idempotency_key=key if attempt == 1 else f"{key}-try-{attempt}", timeout=None, as_subflow=True,
+        )
+        if child.state and child.state.is_completed():
+            break
+        # Per-entry failures are records, so a failed child means lost infrastructure (a spot node reclaimed,
+        # OOM, an evicted pod): run the chunk again; its entries already finished are skipped, a preempted one
+        # resumes from its checkpoint. After the last try they show up as `not_run` for the next batch run.
+        get_run_logger().warning("chunk run %s ended %s (try %d of %d)", child.name,
+                                 child.state.name if child.state else None, attempt, CHUNK_TRIES)
     return len(entries)
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import prefect.runtime.flow_run
@@ -34,20 +38,53 @@ def load_editor(model: str, device: str = "auto") -> Editor:
 
 @task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache
 def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str, settings: Settings,
-               holder: str | None = None) -> dict:
+               holder: str | None = None, stop: Callable[[], bool] | None = None) -> dict:
     """Edit one entry; a bad input becomes an error record, not a failed task."""
     store = open_storage(output_uri)
     if store.exists(f"{entry.folder}/{RECORD_FILE}"):  # e.g. a stale chunk run from a crashed batch
         get_run_logger().info("%s: already done", entry.folder)
         return {"entry_id": entry.id, "status": "already_done", "reason": None}
-    record = run_entry(editor, entry, store, model=model, settings=settings, holder=holder)
-    get_run_logger().info("%s: %s", entry.folder, record["status"])
+    record = run_entry(editor, entry, store, model=model, settings=settings, holder=holder, stop=stop)
+    get_run_logger().info("%s: %s%s", entry.folder, record["status"],
+                          f" ({record['message']})" if record["status"] == "preempted" else "")
     return _row(record)
 
 
 def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str, settings: Settings,
               holder: str | None = None) -> list[dict]:
-    return [edit_entry(editor, entry, output_uri, model, settings, holder) for entry in entries]
+    """Each entry in turn; after SIGTERM (a spot node reclaimed), the entry being trained saves its training
+    and the chunk stops there, failing its run (`ChunkPreempted`) so that it is tried again — the retry
+    resumes that entry from its last checkpoint."""
+    rows = []
+    with stop_on_sigterm() as stopping:
+        for entry in entries:
+            rows.append(edit_entry(editor, entry, output_uri, model, settings, holder, stopping.is_set))
+            if stopping.is_set():
+                break
+    if stopping.is_set():
+        raise ChunkPreempted(f"stopped by SIGTERM after {len(rows)} of {len(entries)} entries; "
+                             f"{sum(row['status'] == 'preempted' for row in rows)} saved to resume")
+    return rows
+
+
+class ChunkPreempted(RuntimeError):
+    """The chunk's worker was asked to stop (SIGTERM); what it had is saved, the rest is for a retry."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the block runs; the handler before (Prefect's) is back after it. Outside
+    the main thread, where Python takes no signal handlers, the event is never set."""
+    stopping = threading.Event()
+    try:
+        earlier = signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    except ValueError:  # not the main thread
+        yield stopping
+        return
+    try:
+        yield stopping
+    finally:
+        signal.signal(signal.SIGTERM, earlier)
 
 
 @task(**STORAGE_RETRIES)

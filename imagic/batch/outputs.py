@@ -6,6 +6,7 @@ with the request they answer. One schema version for the records and the batch's
                                 contact_sheet.png, artifacts/, record.json (written last: the attempt is
                                 finished) or error.json
     <entry id>/.claims/000001.json   who is editing the attempt, until when (a lease: imagic/batch/claims.py)
+    <entry id>/.resume.safetensors   the training of a stopped attempt (a preempted GPU), until it finishes
     <entry id>@v2/              attempt 2, made when a changed request is redone: earlier attempts
                                 are never overwritten, so nothing a user already has disappears
     line-N@invalid/             error.json of a manifest line that failed validation
@@ -46,6 +47,7 @@ REPORT_FILE, INDEX_FILE = "report.json", "index.html"
 BATCHES = "_batches"
 MANIFESTS = "_manifests"  # manifests staged into the store (content-addressed): what every run of a batch read
 CLAIMS = ".claims"
+RESUME_FILE = ".resume.safetensors"  # a stopped attempt's training so far (imagic/engine/checkpoints.py)
 # Not a character entry ids may hold (imagic/batch/manifest.py), so `a@v2` can never be another entry's id.
 ATTEMPT_MARK = "@v"
 
@@ -231,6 +233,7 @@ def record_summary(record: dict) -> bytes:
         "folder": record.get("folder"), "manifest_line": record.get("manifest_line"),
         "target_text": record.get("target_text"), "input": {"uri": record.get("input", {}).get("uri")},
         "wall_seconds": record.get("wall_seconds", 0.0), "model": record.get("model"),
+        "seconds": {"total": record.get("seconds", {}).get("total", 0.0)}, "device": record.get("device"),
         "created_at": record.get("created_at"), "etas": record.get("etas"), "seeds": record.get("seeds"),
         "outputs": {"contact_sheet": outputs.get("contact_sheet"),
                     "images": [{key: image.get(key) for key in ("eta", "seed", "file", "edit", "fidelity")}

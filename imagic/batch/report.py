@@ -9,8 +9,10 @@ Every entry of the manifest is in it: edited now (`succeeded`, `failed`), `finis
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from html import escape
 
@@ -22,15 +24,19 @@ FINISHED = ("succeeded", "already_done", "finished_before", "changed")  # status
 SHARED_INDEX_FILE = "index.shared.html"  # links that open in a browser without credentials (S3: presigned)
 
 
-def run_records(planned, *, rejected: list[dict], edited: list[dict], failed_before: list[dict]) -> list[dict]:
+def run_records(planned, *, rejected: list[dict], edited: list[bytes], failed_before: list[bytes]) -> Iterator[dict]:
     """Every entry's record, each with the status it has in this run: rejected lines' and this run's edits
-    as they are, then those finished before, changed, and failed before (`planned`: the run's `Plan`)."""
-    records = rejected + edited
-    records += [{**json.loads(summary), "status": "finished_before"} for _, summary in planned.done]
-    records += [{**json.loads(summary), "status": "changed", "changes": changes}
-                for _, summary, changes in planned.changed]
-    records += [{**record, "status": "failed_before"} for record in failed_before]
-    return records
+    as they are, then those finished before, changed, and failed before (`planned`: the run's `Plan`;
+    `edited`, `failed_before`: `read_summaries`). One at a time: the summaries of 100k finished entries are
+    parsed as they are reported, never all at once."""
+    yield from rejected
+    yield from map(json.loads, edited)
+    for _, summary in planned.done:
+        yield {**json.loads(summary), "status": "finished_before"}
+    for _, summary, changes in planned.changed:
+        yield {**json.loads(summary), "status": "changed", "changes": changes}
+    for summary in failed_before:
+        yield {**json.loads(summary), "status": "failed_before"}
 
 
 def run_info(run_id: str, manifest_uri: str, output_uri: str, model: str, redo: str) -> dict:
@@ -39,15 +45,19 @@ def run_info(run_id: str, manifest_uri: str, output_uri: str, model: str, redo: 
             "run_name": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{run_id[:8]}"}
 
 
-def batch_report(batch_id: str, records: list[dict], *, seconds: float, run: dict | None = None) -> dict:
-    """`records` are every entry's, each with the status it has in this run (see the module doc);
+def batch_report(batch_id: str, records: Iterable[dict], *, seconds: float, run: dict | None = None) -> dict:
+    """`records` are every entry's, each with the status it has in this run (see the module doc), read once;
     `run` says which run (id, name, manifest, output, model)."""
-    rows = [_row(r) for r in records]
+    rows, failures, edit_seconds, gpu_seconds = [], [], 0.0, 0.0
+    for record in records:
+        rows.append(_row(record))
+        if record["status"] in ("succeeded", "failed", "already_done"):  # edited by this run
+            edit_seconds += record.get("seconds", {}).get("total", 0.0)
+            gpu_seconds += record.get("seconds", {}).get("total", 0.0) if "cuda" in record.get("device", "") else 0.0
+        if record["status"] == "failed":
+            failures.append({"entry_id": record["entry_id"], "line": record["manifest_line"], **record["error"]})
     statuses = Counter(row["status"] for row in rows)
     verdicts = Counter(row.get("verdict") for row in rows if row["status"] in FINISHED)
-    this_run = [r for r in records if r["status"] in ("succeeded", "failed", "already_done")]
-    edit_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in this_run)
-    gpu_seconds = sum(r.get("seconds", {}).get("total", 0.0) for r in this_run if "cuda" in r.get("device", ""))
     return {
         "schema_version": SCHEMA_VERSION, "batch_id": batch_id,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(run or {}),
@@ -56,8 +66,7 @@ def batch_report(batch_id: str, records: list[dict], *, seconds: float, run: dic
                    "changed": statuses["changed"], "failed_before": statuses["failed_before"],
                    "in_progress": statuses["in_progress"],
                    "selected": verdicts["selected"], "needs_review": verdicts["needs_review"]},
-        "failures": [{"entry_id": r["entry_id"], "line": r["manifest_line"], **r["error"]}
-                     for r in records if r["status"] == "failed"],
+        "failures": failures,
         "changed": [{"entry_id": row["entry_id"], "changes": row["changes"]} for row in rows
                     if row["status"] == "changed"],
         "needs_review": [{"entry_id": row["entry_id"], "reason": row["review_reason"]}
@@ -91,10 +100,26 @@ def _row(record: dict) -> dict:
     return row
 
 
-def report_html(report: dict, link) -> str:
-    """A contact-sheet index. `link(key)` turns a store key into an href (relative, or presigned)."""
+PAGE_ROWS = 1000  # entries per page of the index: 100k contact sheets on one page would sink any browser
+
+
+def page_name(name: str, page: int) -> str:
+    """`index.html`, `index-2.html`, …"""
+    stem, _, suffix = name.partition(".")
+    return name if page == 1 else f"{stem}-{page}.{suffix}"
+
+
+def report_pages(report: dict, link, name: str = INDEX_FILE) -> Iterator[tuple[str, str]]:
+    """(file name, HTML) of every page of the index, linked to each other."""
+    pages = max(1, -(-len(report["entries"]) // PAGE_ROWS))
+    for page in range(1, pages + 1):
+        yield page_name(name, page), report_html(report, link, page=page, pages=pages, name=name)
+
+
+def report_html(report: dict, link, *, page: int = 1, pages: int = 1, name: str = INDEX_FILE) -> str:
+    """One page of the contact-sheet index. `link(key)` turns a store key into an href (relative, or presigned)."""
     rows = []
-    for row in report["entries"]:
+    for row in report["entries"][(page - 1) * PAGE_ROWS : page * PAGE_ROWS]:
         folder = row["folder"]
         if row["status"] in FINISHED:
             cell = f'<img src="{escape(link(f"{folder}/{SHEET_FILE}"))}" height="160">'
@@ -112,94 +137,132 @@ def report_html(report: dict, link) -> str:
         rows.append(f"<tr><td>{escape(row['entry_id'])}</td><td>{escape(row.get('target_text') or '')}</td>"
                     f"<td>{status}</td><td>{row['seconds']}</td><td>{choice}</td><td>{cell}</td></tr>")
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
+    nav = "" if pages == 1 else "<p>pages: " + " ".join(
+        f"<b>{n}</b>" if n == page else f'<a href="{page_name(name, n)}">{n}</a>' for n in range(1, pages + 1)) + "</p>"
     title = escape(report["batch_id"])
     return (f"<!doctype html><meta charset='utf-8'><title>{title}</title><h1>Batch {title}</h1>"
             f"<p>run {escape(str(report.get('run_name', '')))} at {escape(report['created_at'])}, "
-            f"model {escape(str(report.get('model', '')))}</p><p>{counts}</p>"
+            f"model {escape(str(report.get('model', '')))}</p><p>{counts}</p>{nav}"
             "<table border=1 cellpadding=4><tr><th>entry</th><th>target text</th><th>status</th><th>seconds</th>"
             "<th>selected</th><th>contact sheet</th></tr>" + "".join(rows) + "</table>\n")
 
 
-def dataset_rows(report: dict, records: dict[str, dict], store: Storage) -> list[dict]:
-    """One row per entry × η × seed (one row, no image, for a failed entry). `records` by entry id."""
-    rows = []
-    for row in report["entries"]:
+def dataset_rows(report: dict, records: Iterable[dict], store: Storage) -> Iterator[dict]:
+    """One row per entry × η × seed (one row, no image, for a failed entry). `records` in the report's order."""
+    for row, record in zip(report["entries"], records, strict=True):
+        if record["entry_id"] != row["entry_id"]:
+            raise ValueError(f"records out of the report's order: {record['entry_id']} where {row['entry_id']} was")
         base = {"batch_id": report["batch_id"], "entry_id": row["entry_id"], "attempt": row["attempt"],
                 "status": row["status"], "input_uri": row["input"], "target_text": row["target_text"],
                 "model": row.get("model"), "verdict": row.get("verdict"), "error_reason": row.get("reason")}
-        record = records.get(row["entry_id"], {})
         images = record.get("outputs", {}).get("images", []) if row["status"] in FINISHED else []
         if not images:
-            rows.append({**base, "eta": None, "seed": None, "file_name": None, "image_uri": None, "edit": None,
-                         "fidelity": None, "selected": False})
+            yield {**base, "eta": None, "seed": None, "file_name": None, "image_uri": None, "edit": None,
+                   "fidelity": None, "selected": False}
         for image in images:
             file_name = f"{row['folder']}/{image['file']}"
-            rows.append({**base, "eta": image["eta"], "seed": image["seed"], "file_name": file_name,
-                         "image_uri": store.url_for(file_name), "edit": image.get("edit"),
-                         "fidelity": image.get("fidelity"),
-                         "selected": (row.get("selected_eta"), row.get("selected_seed")) == (image["eta"], image["seed"])})
-    return rows
+            yield {**base, "eta": image["eta"], "seed": image["seed"], "file_name": file_name,
+                   "image_uri": store.url_for(file_name), "edit": image.get("edit"), "fidelity": image.get("fidelity"),
+                   "selected": (row.get("selected_eta"), row.get("selected_seed")) == (image["eta"], image["seed"])}
 
 
-def parquet_bytes(rows: list[dict]) -> bytes:
+_DATASET_SCHEMA = [("batch_id", "string"), ("entry_id", "string"), ("attempt", "int32"), ("status", "string"),
+                   ("input_uri", "string"), ("target_text", "string"), ("model", "string"), ("eta", "float64"),
+                   ("seed", "int64"), ("file_name", "string"), ("image_uri", "string"), ("edit", "float64"),
+                   ("fidelity", "float64"), ("selected", "bool"), ("verdict", "string"), ("error_reason", "string")]
+_PARQUET_BATCH = 8192  # rows per row group written: the table is never held whole
+
+
+def parquet_bytes(rows: Iterable[dict]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("batch_id", pa.string()), ("entry_id", pa.string()), ("attempt", pa.int32()),
-                        ("status", pa.string()), ("input_uri", pa.string()), ("target_text", pa.string()),
-                        ("model", pa.string()), ("eta", pa.float64()), ("seed", pa.int64()),
-                        ("file_name", pa.string()), ("image_uri", pa.string()), ("edit", pa.float64()),
-                        ("fidelity", pa.float64()), ("selected", pa.bool_()), ("verdict", pa.string()),
-                        ("error_reason", pa.string())])
+    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in _DATASET_SCHEMA])
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    with pq.ParquetWriter(buffer, schema) as writer:
+        rows = iter(rows)
+        while batch := list(itertools.islice(rows, _PARQUET_BATCH)):
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
     return buffer.getvalue()
 
 
 CURRENT = ("succeeded", "already_done", "finished_before")  # rows whose outputs answer the manifest as it is now
+_METADATA_KEYS = ("file_name", "entry_id", "attempt", "input_uri", "target_text", "model", "eta", "seed", "edit",
+                  "fidelity", "selected")
 
 
-def metadata_jsonl(rows: list[dict], earlier: bytes | None) -> bytes:
-    """The store's ImageFolder metadata: every output that answers its entry's current request (this batch's,
-    plus the `earlier` file's lines of entries not in it), sorted, with nothing run-dependent in it: an
-    unchanged batch writes the same bytes."""
-    ours = {row["entry_id"] for row in rows}
-    earlier = [json.loads(line) for line in (earlier or b"").decode().splitlines() if line]
-    keys = ("file_name", "entry_id", "attempt", "input_uri", "target_text", "model", "eta", "seed", "edit",
-            "fidelity", "selected")
-    lines = [line for line in earlier if line.get("entry_id") not in ours]
-    lines += [{key: row[key] for key in keys} for row in rows if row["file_name"] and row["status"] in CURRENT]
-    return "".join(json.dumps(line) + "\n" for line in sorted(lines, key=lambda line: line["file_name"])).encode()
+class MetadataLines:
+    """This batch's lines of the store's ImageFolder metadata, collected from its dataset rows as they pass."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, bytes]] = []  # (file name, the line): compact JSON, ≈ 250 bytes an image
+        self.entries: set[str] = set()
+
+    def add(self, row: dict) -> dict:
+        self.entries.add(row["entry_id"])
+        if row["file_name"] and row["status"] in CURRENT:
+            self.lines.append((row["file_name"], json.dumps({key: row[key] for key in _METADATA_KEYS}).encode()))
+        return row
+
+    def merged(self, earlier: bytes | None) -> bytes:
+        """Every output that answers its entry's current request (this batch's, plus the `earlier` file's lines
+        of entries not in it), sorted, with nothing run-dependent in it: an unchanged batch writes the same
+        bytes."""
+        kept = list(self.lines)
+        for line in (earlier or b"").splitlines():
+            try:
+                earlier_row = json.loads(line)
+                if earlier_row.get("entry_id") not in self.entries:
+                    kept.append((earlier_row["file_name"], line))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a damaged line: its entry's next batch writes it again
+        kept.sort(key=lambda item: item[0])
+        return b"".join(line + b"\n" for _, line in kept)
 
 
-def update_metadata(store: Storage, rows: list[dict]) -> None:
+def update_metadata(store: Storage, rows: Iterable[dict] | MetadataLines) -> None:
     """Merge this batch's rows into the store's `metadata.jsonl` with a compare-and-swap, so that batches
     sharing an output root never lose each other's lines. One file, not one per batch: `datasets`'
     ImageFolder reads a single metadata file per folder."""
-    compare_and_swap(store, METADATA_FILE, lambda earlier: metadata_jsonl(rows, earlier))
+    if not isinstance(rows, MetadataLines):
+        lines = MetadataLines()
+        for row in rows:
+            lines.add(row)
+        rows = lines
+    compare_and_swap(store, METADATA_FILE, rows.merged)
 
 
-def write_report(store: Storage, report: dict, records: dict[str, dict]) -> dict[str, str]:
+def report_json(report: dict) -> bytes:
+    """report.json: indented, one entry a line (100k entries indented field by field would be 3 M lines)."""
+    head = json.dumps({key: value for key, value in report.items() if key != "entries"}, indent=2)
+    entries = ",\n".join(f"    {json.dumps(row)}" for row in report["entries"])
+    return f'{head[:-1].rstrip()},\n  "entries": [\n{entries}\n  ]\n}}\n'.encode()
+
+
+def write_report(store: Storage, report: dict, records: Iterable[dict]) -> dict[str, str]:
     """Write the report, index and dataset twice: as the batch's latest, and under `runs/<run>/` (kept).
+    `records`: the entries' records again, in the report's order (streamed: nothing holds them all).
     Returns where they are (`share_index`: a link a browser opens without credentials)."""
-    rows = dataset_rows(report, records, store)
+    lines = MetadataLines()
+    table = parquet_bytes(lines.add(row) for row in dataset_rows(report, records, store))
     run = report.get("run_name") or report["created_at"].replace(":", "")
-    table = parquet_bytes(rows)
     for where in (run, None):
-        index_key = batch_key(report["batch_id"], INDEX_FILE, where)
         store.write_bytes(batch_key(report["batch_id"], DATASET_FILE, where), table)
-        store.write_bytes(index_key, report_html(report, lambda key, at=index_key: relative_link(at, key)).encode())
-    shared_key = batch_key(report["batch_id"], SHARED_INDEX_FILE, run)
-    store.write_bytes(shared_key, report_html(report, store.share_url).encode())
-    update_metadata(store, rows)
+        for name, html in report_pages(report, lambda key, at=batch_key(report["batch_id"], INDEX_FILE, where):
+                                       relative_link(at, key)):
+            store.write_bytes(batch_key(report["batch_id"], name, where), html.encode())
+    del table
+    for name, html in report_pages(report, store.share_url, SHARED_INDEX_FILE):
+        store.write_bytes(batch_key(report["batch_id"], name, run), html.encode())
+    update_metadata(store, lines)
     where = {"report": store.url_for(batch_key(report["batch_id"], REPORT_FILE)),
              "index": store.url_for(batch_key(report["batch_id"], INDEX_FILE)),
              "dataset": store.url_for(batch_key(report["batch_id"], DATASET_FILE)),
              "metadata": store.url_for(METADATA_FILE)}
     report["links"] = dict(where)
     # Not in report.json: a presigned link is a bearer credential that expires; it goes to the Prefect UI.
-    where["share_index"] = store.share_url(shared_key)
-    data = (json.dumps(report, indent=2) + "\n").encode()
+    where["share_index"] = store.share_url(batch_key(report["batch_id"], SHARED_INDEX_FILE, run))
+    data = report_json(report)
     store.write_bytes(batch_key(report["batch_id"], REPORT_FILE, run), data)
     store.write_bytes(batch_key(report["batch_id"], REPORT_FILE), data)  # the latest, last
     return where

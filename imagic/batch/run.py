@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from imagic.batch.claims import RENEW_EVERY_S, claim, live_claim, release
 from imagic.batch.manifest import Entry, Rejected
-from imagic.batch.outputs import (ERROR_FILE, RECORD_FILE, SHEET_FILE, edit_record, failure_record,
-                                  in_progress_record, json_bytes)
+from imagic.batch.outputs import (ERROR_FILE, RECORD_FILE, RESUME_FILE, SHEET_FILE, edit_record, failure_record,
+                                  in_progress_record, json_bytes, record_summary)
 from imagic.batch.settings import Settings
 from imagic.batch.sheet import contact_sheet
 from imagic.engine.builtins import has_oracle
@@ -34,15 +35,17 @@ if TYPE_CHECKING:
 
 def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folder: str | None = None,
               callback: ProgressCallback | None = None, settings: Settings | None = None,
-              holder: str | None = None) -> dict:
+              holder: str | None = None, stop: Callable[[], bool] | None = None) -> dict:
     """Edit one entry into `<folder>/` of `store` (default: the entry's attempt folder; "" for the store's
-    root); returns its record (status succeeded, failed, already_done, or in_progress when another run
-    holds the entry). `settings`: the operator's input policy and limits (default: the built-in ones).
-    `holder`: the batch run this edit belongs to; with it, the entry is claimed first."""
+    root); returns its record (status succeeded, failed, already_done, in_progress when another run holds
+    the entry, or preempted). `settings`: the operator's input policy and limits (default: the built-in
+    ones). `holder`: the batch run this edit belongs to; with it, the entry is claimed first. `stop`: asked at
+    every training step; once it says yes, the training so far is saved into the attempt folder and the
+    entry is `preempted` (not written: the next try resumes it there)."""
     folder = entry.folder if folder is None else folder
     settings = settings or Settings.defaults()
     if holder is None or not folder:
-        return _edit_into(editor, entry, store, folder, model, callback, settings)
+        return _edit_into(editor, entry, store, folder, model, callback, settings, stop)
     if claim(store, folder, holder) is None:
         return in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt, folder=folder,
                                   input_uri=entry.image, target_text=entry.target_text,
@@ -58,13 +61,15 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
             callback(stage, step, total, loss)
 
     try:
-        return _edit_into(editor, entry, store, folder, model, renewing, settings)
+        return _edit_into(editor, entry, store, folder, model, renewing, settings, stop)
     finally:
         release(store, folder, holder)
 
 
 def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model: str,
-               callback: ProgressCallback | None, settings: Settings) -> dict:
+               callback: ProgressCallback | None, settings: Settings, stop: Callable[[], bool] | None) -> dict:
+    from imagic.engine.checkpoints import Preempted  # torch: only where an edit runs
+
     key = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
     started = time.perf_counter()
 
@@ -87,8 +92,12 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
                                                     timeout_s=settings.input_timeout_s)
         image = load_image(input_bytes, name=redact_uri(entry.image))
         editor.check_inputs(entry.config, entry.etas, entry.seeds)
+        checkpoints = resume_state(store, key(RESUME_FILE), settings, stop) if folder else None
         result = editor.edit(image, entry.target_text, entry.config, entry.etas, entry.seeds, callback,
-                             deadline=time.monotonic() + settings.entry_timeout_s)
+                             deadline=time.monotonic() + settings.entry_timeout_s, checkpoints=checkpoints)
+    except Preempted as err:  # the training so far is in the attempt folder; nothing else was written
+        return {"entry_id": entry.id, "status": "preempted", "attempt": entry.attempt, "folder": folder,
+                "manifest_line": entry.line, "message": str(err)}
     except StorageError as err:
         return fail("input_unreadable", str(err))
     except ImageError as err:
@@ -113,10 +122,27 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
         url_for=lambda name: store.url_for(key(name)), wall_seconds=time.perf_counter() - started,
         toy_metrics=toy_metrics(entry.target_text, result.images) if has_oracle(model) else None,
     )
+    if checkpoints is not None and checkpoints.resumed:
+        record["resumed"] = {"from": checkpoints.resumed, "saved_every_steps": settings.checkpoint_every_steps}
     # … the record last, and only once: a concurrent or repeated run never overwrites a finished entry.
     if not store.write_bytes(key(RECORD_FILE), json_bytes(record), if_absent=True):
         record["status"] = "already_done"
+    if checkpoints is not None:
+        store.delete(key(RESUME_FILE))  # finished: nothing to resume
     return record
+
+
+def resume_state(store: Storage, key: str, settings: Settings, stop: Callable[[], bool] | None):
+    """The `Checkpoints` of an attempt: saved into `key` as training goes, resumed from what `key` holds (a
+    stopped try's training). An unreadable state is started over, not trusted."""
+    from imagic.engine.checkpoints import Checkpoints
+
+    options = {"every_steps": settings.checkpoint_every_steps, "should_stop": stop or (lambda: False),
+               "save": lambda checkpoints: store.write_bytes(key, checkpoints.to_bytes())}
+    try:
+        return Checkpoints.from_bytes(store.read_bytes(key), **options)
+    except Exception:  # none (a first try), or damaged: started over
+        return Checkpoints(**options)
 
 
 def failure_reason(error: BaseException, settings: Settings) -> tuple[str, str]:
@@ -144,22 +170,38 @@ def reject(store: Storage, rejected: list[Rejected]) -> list[dict]:
 
 
 def read_records(entries: list[Entry], store: Storage, holder: str | None = None) -> list[dict]:
-    """Each entry's record (or error record) in its attempt folder: the store, not the workers, is the truth.
-    An entry without either that another run (not `holder`) has claimed is `in_progress`."""
+    """Each entry's record (or error record) in its attempt folder, as `read_summaries` reads it."""
+    return [json.loads(summary) for summary in read_summaries(entries, store, holder)]
 
-    def read(entry: Entry) -> dict:
-        for name in (RECORD_FILE, ERROR_FILE):
-            try:
-                return json.loads(store.read_bytes(f"{entry.folder}/{name}"))
-            except StorageError:
-                continue
+
+def read_summaries(entries: list[Entry], store: Storage, holder: str | None = None) -> list[bytes]:
+    """Each entry's record in its attempt folder, as compact JSON: a finished record's summary
+    (`record_summary`: what the report needs, ≈ 1 KB of a 16 KB record), an error record whole. The store, not
+    the workers, is the truth. An entry without either that another run (not `holder`) has claimed is
+    `in_progress`; one without either that nobody holds is `not_run`."""
+
+    def read(entry: Entry) -> bytes:
+        try:
+            return record_summary(json.loads(store.read_bytes(f"{entry.folder}/{RECORD_FILE}")))
+        except (StorageError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # none yet, or unreadable as a record: its error record, if any, says what happened
+        try:
+            return _compact(json.loads(store.read_bytes(f"{entry.folder}/{ERROR_FILE}")))
+        except (StorageError, ValueError):
+            pass
         holding = live_claim(store, entry.folder)
         if holding and holding["holder"] != holder:  # another run of the batch is editing it now
-            return in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt, folder=entry.folder,
-                                      input_uri=entry.image, target_text=entry.target_text, holder=holding)
-        return failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
-                              target_text=entry.target_text, reason="not_run", attempt=entry.attempt,
-                              message="no record after the batch (worker lost?); a re-run of the batch redoes it")
+            return _compact(in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt,
+                                               folder=entry.folder, input_uri=entry.image,
+                                               target_text=entry.target_text, holder=holding))
+        return _compact(failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
+                                       target_text=entry.target_text, reason="not_run", attempt=entry.attempt,
+                                       message="no record after the batch (worker lost?); a re-run of the batch "
+                                               "redoes it"))
 
     with ThreadPoolExecutor(max_workers=store.read_concurrency) as pool:
         return list(pool.map(read, entries))
+
+
+def _compact(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":")).encode()

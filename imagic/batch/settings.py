@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     entry_timeout_s: float = Field(3600.0, gt=0, description="Wall seconds of one entry's edit.")
     max_input_bytes: int = Field(128 * MB, ge=1, description="Bytes of one input read (and its memory).")
     input_timeout_s: float = Field(60.0, gt=0, description="Seconds to read one input, connect included.")
+    # Preemptible GPUs: a stopped entry resumes from its last checkpoint (imagic/engine/checkpoints.py).
+    checkpoint_every_steps: int = Field(200, ge=0, description="Training steps between an entry's saved "
+                                        "checkpoints (0: saved only when stopped): what a GPU lost without "
+                                        "warning redoes at most.")
+    # Cost in reports: each image's share of its chunk's GPU time, priced.
+    gpu_hour_price: float | None = Field(None, ge=0, description="Price of one GPU-hour (any currency), for "
+                                         "cost per image in reports; unset: GPU-seconds only.")
     allowed_inputs: Annotated[list[str] | None, NoDecode] = Field(
         None, description="URI prefixes inputs may start with (`s3://bucket/`, `https://host/`, `file:` for local "
         "paths), comma-separated. Unset: every input in local mode (the user's own machine), `s3://` only in "

@@ -32,6 +32,8 @@ class SuperResolution(Denoiser):
     """A cascade's SR model. `condition_on` sets the low-resolution image it upsamples; every prediction
     sees it noise-augmented at `noise_level` with `augmentation` (drawn per training step, per seed)."""
 
+    role = "super_resolution"
+
     def __init__(self, pipeline: IFSuperResolutionPipeline, deadline: Deadline | None = None):
         super().__init__(pipeline.unet, pipeline.scheduler, pipeline.device, deadline)
         self.pipeline = pipeline

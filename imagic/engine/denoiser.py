@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from imagic.engine.loading import scheduler_config
 from imagic.engine.sampling import training_target
 from imagic.engine.tensors import weight_bytes
 from imagic.engine.weights import UNetWeights, finetune_bytes
+
+if TYPE_CHECKING:
+    from imagic.engine.checkpoints import Checkpoints
 
 # (stage, step, total_steps, loss): how the engine reports progress without knowing who listens.
 ProgressCallback = Callable[[str, int, int, float], None]
@@ -37,6 +41,8 @@ class Deadline:
 
 
 class Denoiser:
+    role = "base"  # names its training loops in `Checkpoints`
+
     def __init__(self, unet, scheduler, device: torch.device, deadline: Deadline | None = None):
         self.unet, self.scheduler, self.device = unet, scheduler, device
         self.unet.requires_grad_(False)
@@ -45,6 +51,7 @@ class Denoiser:
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config(scheduler))
         self.weights = UNetWeights(unet)
         self.deadline = deadline or Deadline()
+        self.checkpoints: Checkpoints | None = None  # set for one edit: where its training stands
 
     # ------------------------------------------------------------------ predictions
 
@@ -134,14 +141,20 @@ class Denoiser:
         the GPU, and nothing else in the loop does."""
         if steps == 0:
             return []
-        noises, timesteps = self.training_draws(latents, steps, config, generator)
+        noises, timesteps = self.training_draws(latents, steps, config, generator)  # drawn even when resumed
         optimizer = adam(params, lr, config, self.device)
+        loop, checkpoints = f"{self.role}.{stage}", self.checkpoints
+        start, earlier = checkpoints.start(loop, params, optimizer) if checkpoints else (0, [])
         scaler = torch.amp.GradScaler("cuda", enabled=self.precision(config) == "fp16")
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         losses: list[torch.Tensor] = []
+
+        def losses_so_far() -> list[float]:
+            return earlier + (torch.stack(losses).tolist() if losses else [])
+
         try:
-            for step in range(1, steps + 1):
+            for step in range(start + 1, steps + 1):
                 loss = self.denoising_loss(latents, embedding, noises[step - 1], timesteps[step - 1], config)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -151,10 +164,12 @@ class Denoiser:
                 self.deadline.check()
                 if callback is not None and (step % config.loss_readback_steps == 0 or step == steps):
                     callback(stage, step, steps, losses[-1].item())
+                if checkpoints is not None:
+                    checkpoints.after_step(loop, step, steps, params, optimizer, losses_so_far)
         finally:
             if config.gradient_checkpointing:
                 self.unet.disable_gradient_checkpointing()
-        return torch.stack(losses).tolist()
+        return losses_so_far()
 
     # ------------------------------------------------------------------ the base weights, back after each edit
 

@@ -24,6 +24,7 @@ from PIL import Image
 from imagic.engine.anchoring import SourceAttention, ddim_invert, edit_mask, injected_self_attention
 from imagic.engine.cascade import SR_PREFIX, SuperResolution, cascade_memory_needs, split_delta, sr_config
 from imagic.engine.config import SR_OPTIONS, EditConfig
+from imagic.engine.checkpoints import Checkpoints
 from imagic.engine.denoiser import Denoiser, ProgressCallback, tf32
 from imagic.engine.grid import check_grid, check_image_etas, interpolate
 from imagic.engine.images import fit_image
@@ -79,12 +80,15 @@ class Editor(Denoiser):
         seeds: tuple[int, ...] | list[int] = (0,),
         callback: ProgressCallback | None = None,
         deadline: float | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> EditResult:
         """Edit `image` towards `target_text`; one image per (η, seed). Base weights are restored after.
-        `deadline` (a `time.monotonic()` value): past it, the edit stops with a TimeoutError."""
+        `deadline` (a `time.monotonic()` value): past it, the edit stops with a TimeoutError. `checkpoints`:
+        training saved as it goes, stopped when asked (`Preempted`), resumed from what it holds."""
         # 1. Check inputs
         self.check_inputs(config, etas, seeds)
         self.deadline.at = deadline
+        self.use_checkpoints(checkpoints)
         stats = StageStats(self.device)
         generator = torch.Generator().manual_seed(config.seed)  # every training draw comes from here
         image, input_transform = fit_image(image.convert("RGB"), self.resolution, config.fit, self.size_multiple,
@@ -108,6 +112,7 @@ class Editor(Denoiser):
                     images = self.render(e_tgt, e_opt, [*etas, *check], seeds, config, latents)
             finally:
                 self.deadline.at = None
+                self.use_checkpoints(None)
                 self.restore()
         # 6. Score every output with the base model, and choose one
         scores, reconstruction, selection = {}, None, None
@@ -137,6 +142,9 @@ class Editor(Denoiser):
             input_transform=input_transform,
             stages=self.stages(config, image),
         )
+
+    def use_checkpoints(self, checkpoints: Checkpoints | None) -> None:
+        self.checkpoints = checkpoints
 
     def stages(self, config: EditConfig, image: Image.Image) -> list[dict]:
         """What each model of the edit saw and was trained on, for the record (a cascade has two)."""
@@ -404,6 +412,9 @@ class CascadeEditor(Editor):
         self.super_resolution.scale = self.scale = sr_size // base_size
         self.resolution = sr_size  # what an edit takes and makes; the base sees it `scale`× smaller
         self.size_multiple *= self.scale
+
+    def use_checkpoints(self, checkpoints: Checkpoints | None) -> None:
+        self.checkpoints = self.super_resolution.checkpoints = checkpoints
 
     # ------------------------------------------------------------------ the input at each stage
 

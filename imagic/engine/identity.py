@@ -6,7 +6,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-from imagic.engine.builtins import CASCADE_SEPARATOR
+from imagic.engine.builtins import CASCADE_SEPARATOR, resolve_model
 from imagic.engine.errors import ModelError
 
 
@@ -51,8 +51,6 @@ def known_model_sha256(model: str) -> str | None:
     name says which weights they hold."""
     if model.startswith("s3://"):
         return None
-    from imagic.engine.loading import resolve_model  # torch and diffusers: not for a parent that only plans
-
     try:
         return model_sha256(resolve_model(model))
     except ModelError:

@@ -64,6 +64,10 @@ class Storage(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete(self, key: str) -> None:
+        """Remove an object; nothing to do when there is none."""
+        ...
+
     def list(self, prefix: str = "") -> list[str]: ...
 
     def walk(self, prefix: str = "") -> Iterator[str]:
@@ -149,6 +153,12 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as err:
+            raise StorageError(f"{self.url_for(key)}: cannot delete ({err.strerror or err})") from err
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self.walk(prefix))
@@ -297,6 +307,12 @@ class S3Storage:
             if getattr(err, "response", {}).get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise self._error("check", self._key(key), err) from err
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as err:
+            raise self._error("delete", self._key(key), err) from err
 
     def download(self, key: str, path: Path) -> None:
         """Stream one object to a file (boto3's managed, multipart transfer: for multi-GB weights)."""

@@ -57,7 +57,7 @@ def test_reports_of_earlier_runs_are_kept_and_links_resolve(finished):
     store, records = finished
     for run_name in ("run-1", "run-2"):
         write_report(store, batch_report("b1", records, seconds=1.0, run={"run_name": run_name}),
-                     {r["entry_id"]: r for r in records})
+                     records)
     runs = {key.split("/")[3] for key in store.list(f"{BATCHES}/b1/runs/")}
     assert runs == {"run-1", "run-2"}
     assert json.loads(store.read_bytes(f"{BATCHES}/b1/report.json"))["run_name"] == "run-2"
@@ -74,7 +74,7 @@ def test_reports_of_earlier_runs_are_kept_and_links_resolve(finished):
 def test_the_outputs_load_as_a_dataset_in_one_line(finished):
     store, records = finished
     write_report(store, batch_report("b1", records, seconds=1.0, run={"run_name": "run-3"}),
-                 {r["entry_id"]: r for r in records})
+                 records)
     import pandas as pd
 
     table = pd.read_parquet(store.root / BATCHES / "b1" / "edits.parquet")
@@ -125,3 +125,26 @@ def test_batches_sharing_an_output_root_never_lose_each_others_metadata(kind, tm
     lines = [json.loads(line)["entry_id"] for line in store.read_bytes("metadata.jsonl").decode().splitlines()]
     assert sorted(lines) == ["a-0", "a-1", "a-2", "b-0", "b-1", "old-0"]
     assert "metadata.jsonl" in store.list() and not [k for k in store.list() if k.endswith(".lock")]
+
+
+def test_a_big_batch_is_paged_and_streamed(finished, monkeypatch):
+    """Records are read once for the report and once for the dataset, as iterators; the index is paged."""
+    import imagic.batch.report as reporting
+
+    store, records = finished
+    monkeypatch.setattr(reporting, "PAGE_ROWS", 2)
+    monkeypatch.setattr(reporting, "_PARQUET_BATCH", 3)  # several row groups
+    many = [{**records[0], "entry_id": f"e{i}"} for i in range(5)]
+    report = batch_report("big", iter(many), seconds=1.0, run={"run_name": "run-1"})
+    write_report(store, report, iter(many))
+    pages = sorted(k for k in store.list(f"{BATCHES}/big/") if "/runs/" not in k and k.endswith(".html"))
+    assert pages == [f"{BATCHES}/big/index-2.html", f"{BATCHES}/big/index-3.html", f"{BATCHES}/big/index.html"]
+    first = store.read_bytes(f"{BATCHES}/big/index.html").decode()
+    assert first.count("<tr><td>") == 2 and 'href="index-3.html"' in first and ">e0<" in first and ">e2<" not in first
+    assert json.loads(store.read_bytes(f"{BATCHES}/big/report.json"))["entries"] == report["entries"]
+    import pandas as pd
+
+    table = pd.read_parquet(store.root / BATCHES / "big" / "edits.parquet")
+    assert len(table) == 5 * 4 and sorted(set(table["entry_id"])) == [f"e{i}" for i in range(5)]
+    with pytest.raises(ValueError, match="out of the report's order"):
+        write_report(store, report, reversed(many))
