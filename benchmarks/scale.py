@@ -9,7 +9,7 @@ flow imports (flows.bulk_edit: Prefect, not torch), so its seconds and peak RSS 
     collect      validate + read the records of all N entries (summaries held), as a first run does after editing
     dispatch     per chunk of 8: the parent writes its slice, the chunk run reads it back (seconds a chunk)
 
-    python benchmarks/scale.py --sizes 1000,10000            # writes benchmarks/results/scale.json
+    python benchmarks/scale.py --sizes 1000,10000 --s3 10000   # writes benchmarks/results/scale.json
     python benchmarks/scale.py --sizes 100000 --keep /data/scale   # 100k: 1.6 GB of records, 1.4 M files
 
 The parent's memory per finished entry is (RSS holding the plan − RSS holding the validated entries) / N:
@@ -69,6 +69,46 @@ def build(root: Path, n: int, record: dict, names: list[str], image: Path) -> Pa
     return store
 
 
+def measure_s3(n: int, work: Path, record: dict, names: list[str]) -> dict:
+    """N finished entries in S3 over HTTP (moto's server): the input in the bucket, listed by its folder."""
+    import boto3
+    from concurrent.futures import ThreadPoolExecutor
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "scale", "AWS_SECRET_ACCESS_KEY": "scale",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        client.create_bucket(Bucket="scale")
+        image = work / "input.png"
+        etag = client.put_object(Bucket="scale", Key="inputs/input.png", Body=image.read_bytes())["ETag"]
+        uri = "s3://scale/inputs/input.png"
+        cloned = {**record, "input": {**record["input"], "uri": uri, "fingerprint": etag}}
+        text = json.dumps(cloned)
+
+        def put(i: int) -> None:
+            entry_id = f"e{i:06d}"
+            for name in names:
+                body = (text.replace('"real"', f'"{entry_id}"').replace("/real/", f"/{entry_id}/").encode()
+                        if name == "record.json" else b"")
+                client.put_object(Bucket="scale", Key=f"out/{entry_id}/{name}", Body=body)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, range(n)))
+        print(f"built {n} entries in S3 in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        manifest = work / f"s3-{n}.jsonl"
+        manifest.write_text("".join(json.dumps({"id": f"e{i:06d}", "image": uri, "target_text": TARGET}) + "\n"
+                                    for i in range(n)))
+        return measure(n, "s3://scale/out", manifest, env)
+    finally:
+        server.stop()
+
+
 def peak_rss() -> int:
     """This process's peak RSS: VmHWM, which starts afresh at exec (getrusage's ru_maxrss keeps the forking
     parent's, here the process that ran a toy edit with torch loaded)."""
@@ -82,7 +122,7 @@ PHASES = ("validate", "plan_first", "plan", "report", "collect", "dispatch")
 CHUNKS = 50  # chunk slices written and read back by the dispatch phase
 
 
-def phase(name: str, store_root: Path, manifest: Path) -> dict:
+def phase(name: str, store_uri: str, manifest: Path) -> dict:
     """One phase in this process (run by `--phase`): seconds of its steps, and the process's peak RSS."""
     import flows.bulk_edit  # noqa: F401  what the parent flow's process holds before it reads anything
     from imagic.batch.catalogue import update_catalogue
@@ -92,10 +132,10 @@ def phase(name: str, store_root: Path, manifest: Path) -> dict:
     from imagic.batch.report import batch_report, run_info, run_records, write_report
     from imagic.batch.run import read_summaries
     from imagic.engine.identity import known_model_sha256
-    from imagic.io.storage import LocalStorage
+    from imagic.io.storage import open_storage
 
     imported = psutil.Process().memory_info().rss
-    seconds, store = {}, LocalStorage(store_root)
+    seconds, store = {}, open_storage(store_uri)
 
     def timed(step, work):
         started = time.perf_counter()
@@ -116,7 +156,7 @@ def phase(name: str, store_root: Path, manifest: Path) -> dict:
         def records():
             return run_records(planned, rejected=[], edited=[], failed_before=[])
 
-        run = run_info("run-1", str(manifest), str(store_root), "toy", "failed")
+        run = run_info("run-1", str(manifest), store_uri, "toy", "failed")
         report = timed("report", lambda: batch_report("scale", records(), seconds=0.0, run=run))
         timed("write", lambda: write_report(store, report, records()))
     if name == "collect":
@@ -137,13 +177,14 @@ def phase(name: str, store_root: Path, manifest: Path) -> dict:
             "rss_after_imports_bytes": imported, "rss_held_bytes": held_rss}
 
 
-def measure(n: int, store: Path, manifest: Path) -> dict:
-    row = {"entries": n}
-    shutil.rmtree(store / "_catalogue", ignore_errors=True)  # plan_first plans without one
+def measure(n: int, store_uri: str, manifest: Path, env: dict | None = None) -> dict:
+    row = {"entries": n, "store": "s3" if store_uri.startswith("s3://") else "local"}
+    if row["store"] == "local":
+        shutil.rmtree(Path(store_uri) / "_catalogue", ignore_errors=True)  # plan_first plans without one
     for name in PHASES:
-        out = subprocess.run([sys.executable, __file__, "--phase", name, "--store", str(store), "--manifest",
+        out = subprocess.run([sys.executable, __file__, "--phase", name, "--store", store_uri, "--manifest",
                               str(manifest)], check=True, capture_output=True, text=True, cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
+                             env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)})
         row[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"  {n} {name}: {json.dumps(row[name])}", file=sys.stderr)
     row["plan_bytes_per_entry"] = (row["plan"]["rss_held_bytes"] - row["validate"]["rss_held_bytes"]) / n
@@ -158,7 +199,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="with --keep: measure the stores built there before")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
-    parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--s3", type=int, default=0, metavar="N",
+                        help="also N entries in S3 over HTTP (moto's server in this process)")
+    parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
@@ -173,17 +216,20 @@ def main() -> None:
         reuse = args.reuse and (work / f"n{n}" / "manifest.jsonl").is_file()
         store = work / f"n{n}" / "store" if reuse else build(work / f"n{n}", n, record, names, image)
         print(f"built {n} entries in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        rows.append(measure(n, store, work / f"n{n}" / "manifest.jsonl"))
+        rows.append(measure(n, str(store), work / f"n{n}" / "manifest.jsonl"))
         print(json.dumps(rows[-1]), file=sys.stderr)
         if not args.keep:
             shutil.rmtree(work / f"n{n}")
+    if args.s3:
+        rows.append(measure_s3(args.s3, work, record, names))
+        print(json.dumps(rows[-1]), file=sys.stderr)
     result = {"record_bytes": len(json.dumps(record)), "files_per_entry": len(names), "cpu_count": os.cpu_count(),
               "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'entries':>8} {'validate s':>10} {'plan₁ s':>8} {'plan s':>7} {'report s':>9} {'collect s':>9} "
           f"{'chunk ms':>8} {'plan peak MB':>12} {'report peak MB':>14} {'plan B/entry':>12}")
     for row in rows:
-        print(f"{row['entries']:>8} {row['validate']['seconds']['validate']:>10.2f} "
+        print(f"{row['entries']:>8}{'' if row['store'] == 'local' else ' S3'} {row['validate']['seconds']['validate']:>10.2f} "
               f"{row['plan_first']['seconds']['plan']:>8.1f} {row['plan']['seconds']['plan']:>7.1f} "
               f"{row['report']['seconds']['report'] + row['report']['seconds']['write']:>9.1f} "
               f"{row['collect']['seconds']['collect']:>9.1f} {1000 * row['dispatch']['seconds']['per_chunk']:>8.1f} "

@@ -55,6 +55,7 @@ def publish_report(report: dict, links: dict, share_url=None) -> None:
              f"**{counts['succeeded']} succeeded · {counts['failed']} failed · {counts['skipped']} skipped · "
              f"{counts['changed']} changed** of {counts['total']} in {report['wall_seconds']:.0f} s "
              f"(GPU-seconds {report['gpu_seconds']:.0f})",
+             _cost_line(report["cost"]),
              f"{counts['selected']} with an output selected automatically · "
              f"**{counts['needs_review']} need review**", "",
              f"Report: `{links['report']}` · [index]({links['share_index']}) · dataset: `{links['dataset']}`"]
@@ -72,6 +73,18 @@ def publish_report(report: dict, links: dict, share_url=None) -> None:
     if share_url is not None:
         create_markdown_artifact(contact_sheet_gallery(report, share_url), key=f"{key}-contact-sheets",
                                  description="contact sheets, those that need review first")
+
+
+def _cost_line(cost: dict) -> str:
+    """The batch's device time and, priced, its cost per image and per selected image."""
+    line = f"device time {cost['device_seconds']:.0f} s (this run {cost['this_run_device_seconds']:.0f} s)"
+    if cost.get("total") is not None:
+        line += f" · cost {cost['total']:.2f} at {cost['price_per_gpu_hour']:g}/GPU-hour"
+        if cost.get("per_image") is not None:
+            line += f" · {cost['per_image']:.4f} per image"
+        if cost.get("per_selected_image") is not None:
+            line += f" · {cost['per_selected_image']:.4f} per selected image"
+    return line
 
 
 def table_rows(report: dict) -> list[dict]:

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.artifacts import MAX_FAILURE_FRACTION, Progress, final_state, publish_report
 from flows.dispatch import EDIT_CHUNK_DEPLOYMENT, dispatch_deployments
-from flows.edit_chunk import load_editor, run_chunk
+from flows.edit_chunk import load_editor, run_chunk, worker_overhead
 from flows.retry import STORAGE_RETRIES
 from imagic.batch.catalogue import update_catalogue
 from imagic.batch.manifest import (Entry, Rejected, batch_model, detect_format, read_manifest_text, runnable,
@@ -52,7 +52,7 @@ def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, ch
 
 @task(**STORAGE_RETRIES)
 def report_batch(output_uri: str, batch_id: str, planned: Plan, rejected: list[Rejected], run: dict,
-                 started: float) -> tuple[dict, dict]:
+                 started: float, price_per_gpu_hour: float | None = None) -> tuple[dict, dict]:
     """Every entry of the manifest with what this run did with it: report, index, dataset (and their links)."""
     store = open_storage(output_uri)
     rejected_now, edited = reject(store, rejected), read_summaries(planned.todo, store, run["run_id"])
@@ -61,7 +61,8 @@ def report_batch(output_uri: str, batch_id: str, planned: Plan, rejected: list[R
     def records():  # streamed twice, never held: once for the report's rows, once for the dataset
         return run_records(planned, rejected=rejected_now, edited=edited, failed_before=failed_before)
 
-    report = batch_report(batch_id, records(), seconds=time.perf_counter() - started, run=run)
+    report = batch_report(batch_id, records(), seconds=time.perf_counter() - started, run=run,
+                          price_per_gpu_hour=price_per_gpu_hour)
     return report, write_report(store, report, records())
 
 
@@ -99,9 +100,11 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
     # 2. Edit, chunk by chunk: in this process (the model loaded once), or one edit-chunk run per chunk
     progress, chunks = Progress(batch_id, len(planned.todo)), chunk(planned.todo, chunk_size)
     if mode == "local" and chunks:
+        loaded = time.perf_counter()
         editor = load_editor(model, device)
+        overhead = worker_overhead(editor, loaded) / len(planned.todo)  # the model is loaded once for all
         for entries_of_chunk in chunks:
-            run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder)
+            run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder, overhead)
             progress.advance(len(entries_of_chunk))
     elif mode == "deployment" and chunks:  # no pod reads the caller's disk: the manifest and chunks are in the store
         get_run_logger().info("manifest staged at %s", stage(manifest_uri, text, output_uri))
@@ -110,6 +113,6 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
 
     # 3. Report: every entry of the manifest, whatever this run did with it
     run = run_info(holder, manifest_uri, output_uri, model, Redo(redo).value)
-    report, links = report_batch(output_uri, batch_id, planned, rejected, run, started)
+    report, links = report_batch(output_uri, batch_id, planned, rejected, run, started, settings.gpu_hour_price)
     publish_report(report, links, open_storage(output_uri).share_url)
     return final_state(report, max_failure_fraction)

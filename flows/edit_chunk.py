@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import prefect.runtime.flow_run
+import psutil
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -38,27 +40,30 @@ def load_editor(model: str, device: str = "auto") -> Editor:
 
 @task(cache_policy=NO_CACHE)  # its input is a loaded model: nothing to hash or cache
 def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str, settings: Settings,
-               holder: str | None = None, stop: Callable[[], bool] | None = None) -> dict:
+               holder: str | None = None, stop: Callable[[], bool] | None = None,
+               overhead_seconds: float = 0.0) -> dict:
     """Edit one entry; a bad input becomes an error record, not a failed task."""
     store = open_storage(output_uri)
     if store.exists(f"{entry.folder}/{RECORD_FILE}"):  # e.g. a stale chunk run from a crashed batch
         get_run_logger().info("%s: already done", entry.folder)
         return {"entry_id": entry.id, "status": "already_done", "reason": None}
-    record = run_entry(editor, entry, store, model=model, settings=settings, holder=holder, stop=stop)
+    record = run_entry(editor, entry, store, model=model, settings=settings, holder=holder, stop=stop,
+                       overhead_seconds=overhead_seconds)
     get_run_logger().info("%s: %s%s", entry.folder, record["status"],
                           f" ({record['message']})" if record["status"] == "preempted" else "")
     return _row(record)
 
 
 def run_chunk(editor: Editor, entries: list[Entry], output_uri: str, model: str, settings: Settings,
-              holder: str | None = None) -> list[dict]:
+              holder: str | None = None, overhead_seconds: float = 0.0) -> list[dict]:
     """Each entry in turn; after SIGTERM (a spot node reclaimed), the entry being trained saves its training
     and the chunk stops there, failing its run (`ChunkPreempted`) so that it is tried again — the retry
     resumes that entry from its last checkpoint."""
     rows = []
     with stop_on_sigterm() as stopping:
         for entry in entries:
-            rows.append(edit_entry(editor, entry, output_uri, model, settings, holder, stopping.is_set))
+            rows.append(edit_entry(editor, entry, output_uri, model, settings, holder, stopping.is_set,
+                                   overhead_seconds))
             if stopping.is_set():
                 break
     if stopping.is_set():
@@ -117,7 +122,18 @@ def edit_chunk(entries: list[dict], output_uri: str, model: str = DEFAULT_MODEL,
     settings = Settings.from_env("deployment")
     chosen = read_chunk(output_uri, chunk, entries) if chunk is not None else [Entry(**e) for e in entries]
     editor = load_editor(model, device)
-    return run_chunk(editor, chosen, output_uri, model, settings, holder)
+    # Each entry's share of what the pod spent before its first edit: start, imports, model load and hash.
+    overhead = worker_overhead(editor, psutil.Process().create_time(), wall_clock=True) / max(1, len(chosen))
+    return run_chunk(editor, chosen, output_uri, model, settings, holder, overhead)
+
+
+def worker_overhead(editor: Editor, since: float, *, wall_clock: bool = False) -> float:
+    """Seconds from `since` (`time.perf_counter()`, or with `wall_clock` a `time.time()`, e.g. the process's
+    start) until the editor is ready: loaded, and its model hashed (cached, then free for every record)."""
+    from imagic.engine.identity import model_sha256
+
+    model_sha256(editor.pipeline.name_or_path)
+    return (time.time() if wall_clock else time.perf_counter()) - since
 
 
 def _row(record: dict) -> dict:

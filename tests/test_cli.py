@@ -163,6 +163,24 @@ def test_status_counts_finished_and_failed(tmp_path):
     assert result.exit_code == 0 and "1 finished, 1 failed (input_unreadable: 1)" in result.output
 
 
+def test_status_reads_the_newest_report_and_no_other(tmp_path, monkeypatch):
+    from imagic.batch.report import batch_status
+    from imagic.io.storage import LocalStorage
+
+    store = LocalStorage(tmp_path)
+    for batch, run, total in [("old", "20261201T000000Z-aaaa", 5), ("new", "20261202T000000Z-bbbb", 7),
+                              ("mid", "20261201T120000Z-cccc", 6)]:
+        report = json.dumps({"batch_id": batch, "created_at": run, "counts": {"total": total}}).encode()
+        store.write_bytes(f"_batches/{batch}/runs/{run}/report.json", report)
+        store.write_bytes(f"_batches/{batch}/report.json", report)
+    store.write_bytes("a/record.json", b"{}")
+    reads, read = [], store.read_bytes
+    monkeypatch.setattr(store, "read_bytes", lambda key: reads.append(key) or read(key))
+    status = batch_status(store, str(tmp_path))
+    assert status["last_report"]["batch_id"] == "new" and status["last_report"]["counts"]["total"] == 7
+    assert reads == ["_batches/new/runs/20261202T000000Z-bbbb/report.json"]
+
+
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_a_stopped_run_leaves_no_process_behind(tmp_path, tiny_dir, signum):
     """`imagic run` killed mid-batch once left its temporary Prefect server running (13 over 15 kills)."""

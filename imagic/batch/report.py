@@ -45,15 +45,24 @@ def run_info(run_id: str, manifest_uri: str, output_uri: str, model: str, redo: 
             "run_name": f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{run_id[:8]}"}
 
 
-def batch_report(batch_id: str, records: Iterable[dict], *, seconds: float, run: dict | None = None) -> dict:
+def batch_report(batch_id: str, records: Iterable[dict], *, seconds: float, run: dict | None = None,
+                 price_per_gpu_hour: float | None = None) -> dict:
     """`records` are every entry's, each with the status it has in this run (see the module doc), read once;
-    `run` says which run (id, name, manifest, output, model)."""
+    `run` says which run (id, name, manifest, output, model). With `price_per_gpu_hour`, every row and the
+    batch say what their device time cost (`cost`)."""
     rows, failures, edit_seconds, gpu_seconds = [], [], 0.0, 0.0
+    device_seconds = {"batch": 0.0, "this_run": 0.0}
+    images = 0
     for record in records:
-        rows.append(_row(record))
+        row = _row(record, price_per_gpu_hour)
+        rows.append(row)
         if record["status"] in ("succeeded", "failed", "already_done"):  # edited by this run
             edit_seconds += record.get("seconds", {}).get("total", 0.0)
             gpu_seconds += record.get("seconds", {}).get("total", 0.0) if "cuda" in record.get("device", "") else 0.0
+            device_seconds["this_run"] += row["device_seconds"]
+        if record["status"] in FINISHED or record["status"] == "failed":
+            device_seconds["batch"] += row["device_seconds"]
+            images += len(row.get("etas") or []) * len(row.get("seeds") or [])
         if record["status"] == "failed":
             failures.append({"entry_id": record["entry_id"], "line": record["manifest_line"], **record["error"]})
     statuses = Counter(row["status"] for row in rows)
@@ -73,14 +82,31 @@ def batch_report(batch_id: str, records: Iterable[dict], *, seconds: float, run:
                          for row in rows if row.get("verdict") == "needs_review"],
         "entries": rows,
         "wall_seconds": seconds, "edit_seconds": edit_seconds, "gpu_seconds": gpu_seconds,
+        "cost": _cost(device_seconds, images, verdicts["selected"], price_per_gpu_hour),
     }
 
 
-def _row(record: dict) -> dict:
+def _cost(device_seconds: dict[str, float], images: int, selected: int, price: float | None) -> dict:
+    """The batch's device time (every entry's own, with its share of its worker's start and model load) and,
+    priced, what it cost: in all, this run, per output image and per selected image."""
+    cost = {"price_per_gpu_hour": price, "device_seconds": round(device_seconds["batch"], 2),
+            "this_run_device_seconds": round(device_seconds["this_run"], 2)}
+    if price is not None:
+        total = device_seconds["batch"] * price / 3600
+        cost.update(total=round(total, 6), this_run=round(device_seconds["this_run"] * price / 3600, 6),
+                    per_image=round(total / images, 6) if images else None,
+                    per_selected_image=round(total / selected, 6) if selected else None)
+    return cost
+
+
+def _row(record: dict, price_per_gpu_hour: float | None = None) -> dict:
+    device_seconds = record.get("device_seconds") or record.get("wall_seconds", 0.0)
     row = {"entry_id": record["entry_id"], "status": record["status"], "attempt": record.get("attempt", 1),
            "folder": record.get("folder") or record["entry_id"], "line": record.get("manifest_line"),
            "target_text": record.get("target_text"), "input": record.get("input", {}).get("uri"),
-           "seconds": round(record.get("wall_seconds", 0.0), 2)}
+           "seconds": round(record.get("wall_seconds", 0.0), 2), "device_seconds": round(device_seconds, 2)}
+    if price_per_gpu_hour is not None:
+        row["cost"] = round(device_seconds * price_per_gpu_hour / 3600, 6)
     if "changes" in record:
         row["changes"] = record["changes"]
     if record["status"] == "in_progress":
@@ -135,7 +161,8 @@ def report_html(report: dict, link, *, page: int = 1, pages: int = 1, name: str 
             cell, choice = escape(f'{row.get("reason", "")}: {row.get("message", "")}'), ""
         status = row["status"] + (f'<br>({escape(", ".join(row["changes"]))})' if row.get("changes") else "")
         rows.append(f"<tr><td>{escape(row['entry_id'])}</td><td>{escape(row.get('target_text') or '')}</td>"
-                    f"<td>{status}</td><td>{row['seconds']}</td><td>{choice}</td><td>{cell}</td></tr>")
+                    f"<td>{status}</td><td>{row['device_seconds']}{_cost_cell(row)}</td><td>{choice}</td>"
+                    f"<td>{cell}</td></tr>")
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
     nav = "" if pages == 1 else "<p>pages: " + " ".join(
         f"<b>{n}</b>" if n == page else f'<a href="{page_name(name, n)}">{n}</a>' for n in range(1, pages + 1)) + "</p>"
@@ -143,8 +170,12 @@ def report_html(report: dict, link, *, page: int = 1, pages: int = 1, name: str 
     return (f"<!doctype html><meta charset='utf-8'><title>{title}</title><h1>Batch {title}</h1>"
             f"<p>run {escape(str(report.get('run_name', '')))} at {escape(report['created_at'])}, "
             f"model {escape(str(report.get('model', '')))}</p><p>{counts}</p>{nav}"
-            "<table border=1 cellpadding=4><tr><th>entry</th><th>target text</th><th>status</th><th>seconds</th>"
+            "<table border=1 cellpadding=4><tr><th>entry</th><th>target text</th><th>status</th><th>device s · cost</th>"
             "<th>selected</th><th>contact sheet</th></tr>" + "".join(rows) + "</table>\n")
+
+
+def _cost_cell(row: dict) -> str:
+    return f" · {row['cost']:.4f}" if row.get("cost") is not None else ""
 
 
 def dataset_rows(report: dict, records: Iterable[dict], store: Storage) -> Iterator[dict]:
@@ -156,6 +187,9 @@ def dataset_rows(report: dict, records: Iterable[dict], store: Storage) -> Itera
                 "status": row["status"], "input_uri": row["input"], "target_text": row["target_text"],
                 "model": row.get("model"), "verdict": row.get("verdict"), "error_reason": row.get("reason")}
         images = record.get("outputs", {}).get("images", []) if row["status"] in FINISHED else []
+        share = 1 / max(1, len(images))  # an image's share of its entry's device time and cost
+        base.update(device_seconds=row["device_seconds"] * share,
+                    cost=row["cost"] * share if row.get("cost") is not None else None)
         if not images:
             yield {**base, "eta": None, "seed": None, "file_name": None, "image_uri": None, "edit": None,
                    "fidelity": None, "selected": False}
@@ -169,7 +203,8 @@ def dataset_rows(report: dict, records: Iterable[dict], store: Storage) -> Itera
 _DATASET_SCHEMA = [("batch_id", "string"), ("entry_id", "string"), ("attempt", "int32"), ("status", "string"),
                    ("input_uri", "string"), ("target_text", "string"), ("model", "string"), ("eta", "float64"),
                    ("seed", "int64"), ("file_name", "string"), ("image_uri", "string"), ("edit", "float64"),
-                   ("fidelity", "float64"), ("selected", "bool"), ("verdict", "string"), ("error_reason", "string")]
+                   ("fidelity", "float64"), ("selected", "bool"), ("verdict", "string"), ("error_reason", "string"),
+                   ("device_seconds", "float64"), ("cost", "float64")]
 _PARQUET_BATCH = 8192  # rows per row group written: the table is never held whole
 
 
@@ -278,14 +313,15 @@ def batch_status(store: Storage, output_uri: str) -> dict:
     failed = sorted(e for e, a in attempts.items() if a.state == "failed")
     reasons = Counter(json.loads(store.read_bytes(f"{attempt_folder(e, attempts[e].latest)}/{ERROR_FILE}"))
                       ["error"]["reason"] for e in failed)
-    reports = sorted((k for k in keys if k.startswith(f"{BATCHES}/") and k.count("/") == 2
-                      and k.endswith(f"/{REPORT_FILE}")),
-                     key=lambda k: json.loads(store.read_bytes(k)).get("created_at", ""))
+    # The newest run's report, by its key: run names start with the run's UTC time (`run_info`), so one
+    # report is read, not every batch's (a nightly job makes a batch a night, each report 100k entries long).
+    runs = [k for k in keys if k.startswith(f"{BATCHES}/") and k.count("/") == 4 and k.endswith(f"/{REPORT_FILE}")]
     last = None
-    if reports:
-        report = json.loads(store.read_bytes(reports[-1]))
-        last = {"uri": store.url_for(reports[-1]), "batch_id": report["batch_id"], "created_at": report["created_at"],
-                "counts": report["counts"]}
+    if runs:
+        newest = max(runs, key=lambda k: k.split("/")[3])
+        report = json.loads(store.read_bytes(newest))
+        last = {"uri": store.url_for(batch_key(report["batch_id"], REPORT_FILE)), "batch_id": report["batch_id"],
+                "created_at": report["created_at"], "counts": report["counts"]}
     return {"finished": sum(1 for a in attempts.values() if a.state == "finished"), "failed": len(failed),
             "failure_reasons": dict(reasons), "redone": sum(1 for a in attempts.values() if a.latest > 1),
             "last_report": last}

@@ -35,17 +35,19 @@ if TYPE_CHECKING:
 
 def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folder: str | None = None,
               callback: ProgressCallback | None = None, settings: Settings | None = None,
-              holder: str | None = None, stop: Callable[[], bool] | None = None) -> dict:
+              holder: str | None = None, stop: Callable[[], bool] | None = None,
+              overhead_seconds: float = 0.0) -> dict:
     """Edit one entry into `<folder>/` of `store` (default: the entry's attempt folder; "" for the store's
     root); returns its record (status succeeded, failed, already_done, in_progress when another run holds
     the entry, or preempted). `settings`: the operator's input policy and limits (default: the built-in
     ones). `holder`: the batch run this edit belongs to; with it, the entry is claimed first. `stop`: asked at
     every training step; once it says yes, the training so far is saved into the attempt folder and the
-    entry is `preempted` (not written: the next try resumes it there)."""
+    entry is `preempted` (not written: the next try resumes it there). `overhead_seconds`: the entry's share of
+    its worker's start, model load and hashing, counted into its `device_seconds` (what it costs)."""
     folder = entry.folder if folder is None else folder
     settings = settings or Settings.defaults()
     if holder is None or not folder:
-        return _edit_into(editor, entry, store, folder, model, callback, settings, stop)
+        return _edit_into(editor, entry, store, folder, model, callback, settings, stop, overhead_seconds)
     if claim(store, folder, holder) is None:
         return in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt, folder=folder,
                                   input_uri=entry.image, target_text=entry.target_text,
@@ -61,13 +63,14 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
             callback(stage, step, total, loss)
 
     try:
-        return _edit_into(editor, entry, store, folder, model, renewing, settings, stop)
+        return _edit_into(editor, entry, store, folder, model, renewing, settings, stop, overhead_seconds)
     finally:
         release(store, folder, holder)
 
 
 def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model: str,
-               callback: ProgressCallback | None, settings: Settings, stop: Callable[[], bool] | None) -> dict:
+               callback: ProgressCallback | None, settings: Settings, stop: Callable[[], bool] | None,
+               overhead_seconds: float = 0.0) -> dict:
     from imagic.engine.checkpoints import Preempted  # torch: only where an edit runs
 
     key = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
@@ -122,6 +125,9 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
         url_for=lambda name: store.url_for(key(name)), wall_seconds=time.perf_counter() - started,
         toy_metrics=toy_metrics(entry.target_text, result.images) if has_oracle(model) else None,
     )
+    # What the entry held its device for: its own wall time and its share of the worker's start and model load.
+    record["device_seconds"] = record["wall_seconds"] + overhead_seconds
+    record["overhead_seconds"] = overhead_seconds
     if checkpoints is not None and checkpoints.resumed:
         record["resumed"] = {"from": checkpoints.resumed, "saved_every_steps": settings.checkpoint_every_steps}
     # … the record last, and only once: a concurrent or repeated run never overwrites a finished entry.

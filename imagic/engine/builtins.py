@@ -2,7 +2,7 @@
 
 Config reads a model's family (which preset table applies), loading reads where its weights come from,
 the CLI lists the names, and the batch layer asks whether the toy oracle can read its outputs. Plain data
-and where it lives, no torch: so `imagic --help` and manifest validation stay instant.
+(and where the shipped ones live), no torch: so `imagic --help` and manifest validation stay instant.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from imagic.engine.cache import cache_dir
 from imagic.engine.errors import ModelError
 
 Family = Literal["single", "cascade"]
@@ -63,32 +62,12 @@ def has_oracle(model: str) -> bool:
     return model in BUILTIN_MODELS and BUILTIN_MODELS[model].oracle
 
 
-def resolve_model(model: str) -> str:
-    """The one place a model name becomes something `from_pretrained` loads: a built-in name (`toy`,
-    `tiny`, `tiny-if`, see `imagic.engine.builtins`) or an `s3://` prefix (synced once) becomes a local
-    directory (a cascade: two, joined by `+`); a hub id or path passes through."""
-    if CASCADE_SEPARATOR in model:
-        return CASCADE_SEPARATOR.join(resolve_model(part) for part in model.split(CASCADE_SEPARATOR))
-    if model.startswith("s3://"):
-        # Fetching the weights is the storage layer's job; imported here only, so that importing the
-        # engine never loads boto3.
-        from imagic.io.models import local_model
-
-        return local_model(model)
-    if model in BUILTIN_MODELS:
-        return CASCADE_SEPARATOR.join(str(folder) for folder in builtin_folders(BUILTIN_MODELS[model]))
-    return model
-
-
-def builtin_folders(builtin: BuiltinModel) -> list[Path]:
-    """The pipeline folders of a built-in model: shipped in the package, or built in code once into the cache."""
-    if builtin.package_folder is not None:
-        directory = Path(__file__).parents[1] / builtin.package_folder
-        if not all((directory / part / "model_index.json").is_file() for part in builtin.folders):
-            raise ModelError(f"the {builtin.name} model is not in this installation ({directory}); "
-                             f"train it with: python -m imagic.toy.{builtin.training_script}")
-    else:
-        from imagic.toy import tiny
-
-        directory = tiny.ensure_tiny_model(cache_dir() / "models" / builtin.name, builtin)
+def shipped_folders(builtin: BuiltinModel) -> list[Path] | None:
+    """The pipeline folders of a built-in model shipped in the package (None for one built in code)."""
+    if builtin.package_folder is None:
+        return None
+    directory = Path(__file__).parents[1] / builtin.package_folder
+    if not all((directory / part / "model_index.json").is_file() for part in builtin.folders):
+        raise ModelError(f"the {builtin.name} model is not in this installation ({directory}); "
+                         f"train it with: python -m imagic.toy.{builtin.training_script}")
     return [directory / part if part else directory for part in builtin.folders]

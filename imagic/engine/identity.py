@@ -6,7 +6,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-from imagic.engine.builtins import CASCADE_SEPARATOR, resolve_model
+from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, shipped_folders
 from imagic.engine.errors import ModelError
 
 
@@ -52,6 +52,10 @@ def known_model_sha256(model: str) -> str | None:
     if model.startswith("s3://"):
         return None
     try:
+        if model in BUILTIN_MODELS and (shipped := shipped_folders(BUILTIN_MODELS[model])) is not None:
+            return model_sha256(CASCADE_SEPARATOR.join(map(str, shipped)))  # no torch: a parent only plans
+        from imagic.engine.loading import resolve_model
+
         return model_sha256(resolve_model(model))
     except ModelError:
         return None

@@ -13,7 +13,8 @@ import torch
 from diffusers import (DiffusionPipeline, IFPipeline, IFSuperResolutionPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 
-from imagic.engine.builtins import CASCADE_SEPARATOR, resolve_model
+from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, BuiltinModel, shipped_folders
+from imagic.engine.cache import cache_dir
 from imagic.engine.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,33 @@ class Cascade:
 # out: DDIM's own defaults (clip_sample=True, set_alpha_to_one=True, steps_offset=0) wash renders out.
 SD_SCHEDULER_DEFAULTS = {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
                          "prediction_type": "epsilon", "timestep_spacing": "leading"}
+
+
+def resolve_model(model: str) -> str:
+    """The one place a model name becomes something `from_pretrained` loads: a built-in name (`toy`,
+    `tiny`, `tiny-if`, see `imagic.engine.builtins`) or an `s3://` prefix (synced once) becomes a local
+    directory (a cascade: two, joined by `+`); a hub id or path passes through."""
+    if CASCADE_SEPARATOR in model:
+        return CASCADE_SEPARATOR.join(resolve_model(part) for part in model.split(CASCADE_SEPARATOR))
+    if model.startswith("s3://"):
+        # Fetching the weights is the storage layer's job; imported here only, so that importing the
+        # engine never loads boto3.
+        from imagic.io.models import local_model
+
+        return local_model(model)
+    if model in BUILTIN_MODELS:
+        return CASCADE_SEPARATOR.join(str(folder) for folder in builtin_folders(BUILTIN_MODELS[model]))
+    return model
+
+
+def builtin_folders(builtin: BuiltinModel) -> list[Path]:
+    """The pipeline folders of a built-in model: shipped in the package, or built in code once into the cache."""
+    if (shipped := shipped_folders(builtin)) is not None:
+        return shipped
+    from imagic.toy import tiny
+
+    directory = tiny.ensure_tiny_model(cache_dir() / "models" / builtin.name, builtin)
+    return [directory / part if part else directory for part in builtin.folders]
 
 
 def check_model_dir(path: Path) -> None:

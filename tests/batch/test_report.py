@@ -148,3 +148,29 @@ def test_a_big_batch_is_paged_and_streamed(finished, monkeypatch):
     assert len(table) == 5 * 4 and sorted(set(table["entry_id"])) == [f"e{i}" for i in range(5)]
     with pytest.raises(ValueError, match="out of the report's order"):
         write_report(store, report, reversed(many))
+
+
+def test_cost_per_image_and_per_selected_image_from_device_seconds(finished):
+    """Each entry's device time (its edit and its share of the worker's start and model load), priced."""
+    store, records = finished
+    priced = [{**records[0], "device_seconds": 30.0}, {**records[1], "device_seconds": 90.0}, records[2]]
+    report = batch_report("cost", priced, seconds=1.0, run={"run_name": "run-1"}, price_per_gpu_hour=3.6)
+    rows = {row["entry_id"]: row for row in report["entries"]}
+    assert rows["a"]["cost"] == 0.03 and rows["b"]["cost"] == 0.09  # 3.6 an hour: 0.001 a second
+    failed_seconds = rows["c"]["device_seconds"]
+    cost = report["cost"]
+    assert cost["device_seconds"] == round(120.0 + failed_seconds, 2) and cost["this_run_device_seconds"] < 120
+    assert cost["total"] == round(cost["device_seconds"] * 0.001, 6)
+    assert cost["per_image"] == round(cost["total"] / 8, 6)  # a and b: 2 η × 2 seeds each
+    selected = report["counts"]["selected"]
+    assert cost["per_selected_image"] == (round(cost["total"] / selected, 6) if selected else None)
+    write_report(store, report, priced)
+    import pandas as pd
+
+    table = pd.read_parquet(store.root / BATCHES / "cost" / "edits.parquet")
+    assert abs(table["cost"].sum() - cost["total"]) < 1e-4 and abs(table["device_seconds"].sum() - 120 - failed_seconds) < 0.1
+    assert "0.0300" in store.read_bytes(f"{BATCHES}/cost/index.html").decode()
+
+    unpriced = batch_report("cost", priced, seconds=1.0)
+    assert "cost" not in unpriced["entries"][0] and unpriced["cost"]["price_per_gpu_hour"] is None
+    assert "total" not in unpriced["cost"]

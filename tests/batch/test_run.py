@@ -267,3 +267,11 @@ def test_a_long_edit_renews_its_lease(editor, inputs, tmp_path, monkeypatch):
     claims = [json.loads(store.read_bytes(k)) for k in store.list("good/.claims/")]
     assert len(claims) > 3 and {c["holder"] for c in claims} == {"run-a"}  # first, renewals, release
     assert claims[-1]["expires_at"] == 0.0 and claims_module.LEASE_S <= 600
+
+
+def test_an_entry_is_charged_its_share_of_the_worker_overhead(editor, inputs, tmp_path):
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    record = run_entry(editor, entry, store, model="tiny", overhead_seconds=12.5)
+    assert record["overhead_seconds"] == 12.5 and record["device_seconds"] == record["wall_seconds"] + 12.5
+    assert json.loads(store.read_bytes("good/record.json"))["device_seconds"] == record["device_seconds"]

@@ -107,6 +107,7 @@ def test_gpu_job_has_gpu_placement_cache_and_settings(prefect, overlay, selector
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["IMAGIC_LOG"] == "1" and "PREFECT__FLOW_RUN_ID" in env
     assert container["image"] == image and job["spec"]["backoffLimit"] == 0
+    assert pod["terminationGracePeriodSeconds"] >= 60  # time to save an edit's training after SIGTERM
     assert job["metadata"]["namespace"] == "imagic" and pod["serviceAccountName"] == "imagic-flow-run"
     assert json.loads((K8S / "overlays" / overlay / "imagic-gpu.json").read_text())[
         "variables"]["properties"]["pod_watch_timeout_seconds"]["default"] >= 600  # GPU nodes scale from zero

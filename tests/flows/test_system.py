@@ -132,8 +132,13 @@ def test_deployment_mode_finishes_then_recomputes_nothing(cluster, tmp_path, s3_
         assert "0 succeeded, 2 failed, 3 skipped" in output
         assert len(chunk_runs(cluster)) == len(runs_after_first) + 2
         again = s3_objects(cluster, "full")
-        kept = lambda objects: {k: v for k, v in objects.items() if not k.startswith(("_batches", "missing", "local"))}  # noqa: E731
+        kept = lambda objects: {k: v for k, v in objects.items()  # noqa: E731
+                                if not k.startswith(("_batches", "missing", "local", "_catalogue"))}
         assert kept(again) == kept(objects)
+        # … and what it learnt of their records is in the catalogue, so the next re-run reads none of them
+        lines = [json.loads(line) for key in again if key.startswith("_catalogue/")
+                 for line in _get(cluster, f"full/{key}").splitlines()]
+        assert sorted(line["folder"] for line in lines) == ["e0", "e1", "e2"] and "_catalogue" not in str(objects)
     finally:
         stop(worker)
 

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 K8S = Path(__file__).resolve().parents[2]
+TERMINATION_GRACE_S = 120  # AWS gives spot instances 2 minutes' notice; GKE spot nodes 30 s whatever this says
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 # What differs per pool: the pod's size and where it may run.
@@ -76,6 +77,9 @@ def build(pool: dict) -> dict:
     pod["nodeSelector"] = "{{ node_selector }}"
     pod["tolerations"] = "{{ tolerations }}"
     pod["securityContext"] = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001}
+    # After SIGTERM (a spot node reclaimed, a drain) the edit stops at its next training step and saves its
+    # training for the retry (imagic/engine/checkpoints.py): time for that before the kill.
+    pod["terminationGracePeriodSeconds"] = TERMINATION_GRACE_S
     pod["volumes"] = [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "{{ model_cache_claim }}"}},
                       # torch's shared-memory tensors and tmp files; the container default of 64 MiB is too small
                       {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
