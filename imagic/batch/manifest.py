@@ -23,7 +23,7 @@ from imagic.engine.builtins import DEFAULT_MODEL, Family, model_family
 from imagic.engine.config import DEFAULT_PRESET, PRESETS, EditConfig, make_config
 from imagic.engine.grid import DEFAULT_ETAS, DEFAULT_SEEDS, GRID_MESSAGES, Etas, Seeds
 from imagic.io.inputs import DEFAULT_TIMEOUT_S, read_uri
-from imagic.io.redaction import redact_uri
+from imagic.io.redaction import redact_uri, uri_identity
 from imagic.io.storage import Storage
 
 Format = Literal["jsonl", "csv", "yaml"]
@@ -33,6 +33,9 @@ IMAGE_SCHEMES = ("s3://", "file://", "http://", "https://")
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # a million entries is ~150 MB of JSONL; 64 MB is far past any single batch
 MAX_DEPTH = 16  # the deepest a manifest needs is ~3 (defaults → overrides → a list)
+# Nodes a YAML manifest may expand to through its aliases: ~10 an entry of a 100k-entry batch, and far below
+# what a "billion laughs" file (aliases of aliases, ×9 a level) asks for.
+MAX_YAML_NODES = 4_000_000
 
 
 class ManifestError(ValueError):
@@ -129,6 +132,7 @@ class Entry(BaseModel):
 
 def entry_id(image: str, target_text: str, config: EditConfig, etas, seeds) -> str:
     """A stable id for an entry without one: the same work always gets the same id (and output folder)."""
+    image = uri_identity(image)  # never a credential in an id, a folder or a key; a re-signed URL keeps its id
     key = json.dumps([image, target_text, config.model_dump(mode="json"), list(etas), list(seeds)], sort_keys=True)
     stem = re.sub(r"[^A-Za-z0-9]+", "-", PurePosixPath(image.split("://")[-1]).stem).strip("-")[:40] or "entry"
     return f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -159,6 +163,7 @@ def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, over
     own (the model decides which family's presets apply); `settings` (default: the built-in ones) bound
     what one entry may cost."""
     settings = settings or Settings.defaults()
+    text = text.removeprefix("\ufeff")  # the byte-order mark Excel writes at the start of a CSV
     file_problems: list[str] = []
     line_problems: dict[int, list[str]] = {}
     if len(text.encode("utf-8", "surrogatepass")) > MAX_MANIFEST_BYTES:
@@ -430,6 +435,11 @@ class _StrictLoader(yaml.SafeLoader):
 def _read_yaml(text: str, problems: list[str], line_problems: dict[int, list[str]]):
     try:
         root = yaml.compose(text, Loader=_StrictLoader)
+        if (nodes := _expanded_nodes(root)) is None or nodes > MAX_YAML_NODES:
+            problems.append("YAML aliases refer to themselves" if nodes is None else
+                            f"YAML aliases expand to {nodes:,} nodes, over the limit of {MAX_YAML_NODES:,}: "
+                            "write the entries out")
+            return None, []
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
     except yaml.YAMLError as err:
         problems.append(f"invalid YAML: {' '.join(str(err).split())}")
@@ -440,6 +450,35 @@ def _read_yaml(text: str, problems: list[str], line_problems: dict[int, list[str
     entries_node = next(value for key, value in root.value if key.value == "entries")
     lines = [node.start_mark.line + 1 for node in entries_node.value]
     return data.get("defaults"), list(zip(lines, data["entries"]))
+
+
+def _expanded_nodes(root) -> int | None:
+    """How many nodes a composed YAML document has once its aliases are expanded, counted without expanding
+    them: each distinct node once, its size the sum of its children's (linear in the file, not the expansion).
+    None when an alias refers to a node it is inside of (an endless expansion)."""
+    if root is None:
+        return 0
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # counted once their children are
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if not children_done:
+            if id(node) in open_nodes:
+                return None
+            open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if children_done:
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+        else:
+            stack.append((node, True))
+            stack += [(child, False) for child in children if id(child) not in sizes]
+    return sizes[id(root)]
 
 
 _READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "yaml": _read_yaml}

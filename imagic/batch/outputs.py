@@ -37,7 +37,7 @@ from importlib import metadata
 from pathlib import PurePosixPath
 
 from imagic.engine.result import ARTIFACTS, SELECTED_FILE, EditResult, image_name
-from imagic.io.redaction import redact_uri
+from imagic.io.redaction import redact_uri, uri_identity
 
 SCHEMA_VERSION = 2  # of record.json, error.json and report.json
 RECORD_FILE, ERROR_FILE, SHEET_FILE = "record.json", "error.json", "contact_sheet.png"
@@ -104,7 +104,7 @@ def scan(keys: Iterable[str]) -> dict[str, Attempts]:
 def batch_id_for(manifest_uri: str, output_uri: str) -> str:
     """A batch is a manifest written into an output store: re-runs of it share their reports' folder (a re-signed
     manifest URL too: its signature is not part of the name)."""
-    return hashlib.sha256(f"{redact_uri(manifest_uri)}|{output_uri}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{uri_identity(manifest_uri)}|{output_uri}".encode()).hexdigest()[:12]
 
 
 def batch_key(batch_id: str, name: str, run: str | None = None) -> str:

@@ -24,10 +24,11 @@ def _distinct(values: list) -> list:
 
 Etas = Annotated[list[Annotated[float, Field(ge=ETA_MIN, le=ETA_MAX)]],
                  Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_distinct)]
-Seeds = Annotated[list[Annotated[int, Field(ge=0)]],
+SEED_MAX = 2**63 - 1  # a seed is an int64 everywhere it is stored (Parquet, torch's generator takes < 2⁶⁴)
+Seeds = Annotated[list[Annotated[int, Field(ge=0, le=SEED_MAX)]],
                   Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_distinct)]
 GRID_MESSAGES = {"etas": f"must be a non-empty list of distinct numbers in [{ETA_MIN:g}, {ETA_MAX:g}]",
-                 "seeds": "must be a non-empty list of distinct non-negative integers"}
+                 "seeds": f"must be a non-empty list of distinct integers in [0, {SEED_MAX}]"}
 _GRID = {"etas": TypeAdapter(Etas), "seeds": TypeAdapter(Seeds)}
 
 

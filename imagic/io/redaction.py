@@ -23,6 +23,17 @@ def redact_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def uri_identity(uri: str) -> str:
+    """What names a URI's object whoever signed it: the URI redacted, and for a signed URL (one with a secret
+    query parameter) without its query — a presigned URL's date, expiry and signature change at every
+    signing, its object does not."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri
+    parts = urlsplit(redact_uri(uri))
+    signed = any(pair.partition("=")[0].lower() in _SECRET_PARAMETERS for pair in urlsplit(uri).query.split("&"))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "" if signed else parts.query, ""))
+
+
 def redact_text(text: str, uri: str) -> str:
     """`text` (an error message) without the credentials that `uri` carries."""
     parts = urlsplit(uri)

@@ -180,3 +180,37 @@ def test_a_rejected_line_never_takes_a_real_entrys_folder():
     entries, rejected, _ = validate_manifest(text, "jsonl")
     assert not entries and [r.id for r in rejected] == ["line-1@invalid", "line-2@invalid"]
     assert "id: must be 1-128 characters" in rejected[0].problems[0]
+
+
+def test_an_id_never_carries_a_credential_and_survives_re_signing():
+    bare, signed = parse_manifest(jsonl(
+        {"image": "http://user:secret@10.0.0.1:8080", "target_text": "x"},
+        {"image": "https://bucket.s3.amazonaws.com/a/cat.png?X-Amz-Date=20261201T000000Z&X-Amz-Expires=3600"
+                  "&X-Amz-Signature=abc", "target_text": "x"}), "jsonl")
+    [re_signed] = parse_manifest(jsonl(  # the same object, signed again two days later
+        {"image": "https://bucket.s3.amazonaws.com/a/cat.png?X-Amz-Date=20261203T120000Z&X-Amz-Expires=600"
+                  "&X-Amz-Signature=def", "target_text": "x"}), "jsonl")
+    assert "secret" not in bare.id and "user" not in bare.id and bare.id.startswith("10-0-0-")
+    assert signed.id == re_signed.id and signed.id.startswith("cat-")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_field():
+    assert [e.id for e in parse_manifest("\ufeff" + jsonl(GOOD), "jsonl")] == ["a"]
+    csv = "\ufeffid,image,target_text\na,s3://bucket/a.png,a blue circle\n"
+    assert [e.target_text for e in parse_manifest(csv, "csv")] == ["a blue circle"]
+
+
+def test_a_seed_beyond_int64_is_rejected_before_any_work():
+    entries, rejected, _ = validate_manifest(jsonl({**GOOD, "seeds": [2**63]}, {**GOOD, "id": "b", "seeds": [2**63 - 1]}),
+                                             "jsonl")
+    assert [e.id for e in entries] == ["b"] and "seeds" in rejected[0].problems[0]
+
+
+def test_yaml_aliases_that_expand_past_the_limit_are_one_file_problem():
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "\n".join(levels) + "\nentries:\n  - {image: s3://b/a.png, target_text: t, etas: *a8}\n"
+    _, _, problems = validate_manifest(text, "yaml")  # 9⁹ ≈ 387 M nodes once expanded
+    assert len(problems) == 1 and "expand to" in problems[0] and "over the limit" in problems[0]
+    _, _, problems = validate_manifest("entries: &e [*e]\n", "yaml")
+    assert problems == ["YAML aliases refer to themselves"]

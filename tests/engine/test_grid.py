@@ -9,7 +9,8 @@ from imagic.engine.grid import check_grid, check_image_etas, interpolate
 @pytest.mark.parametrize(
     "etas, seeds, message",
     [([], [0], "etas: "), ([0.5], [], "seeds: "), ([2.5], [0], r"etas: .*got \[2.5\]"),
-     ([-0.1], [0], r"etas: .*\[0, 2\]"), ([0.5], [-1], "seeds: .*non-negative"), ([0.5, 0.5], [0], "etas: .*distinct"),
+     ([-0.1], [0], r"etas: .*\[0, 2\]"), ([0.5], [-1], r"seeds: .*integers in \[0, "),
+     ([0.5], [2**63], r"seeds: .*9223372036854775807\]"), ([0.5, 0.5], [0], "etas: .*distinct"),
      ([0.5], [1.5], "seeds: .*integers")],
 )
 def test_bad_grid(etas, seeds, message):
