@@ -29,7 +29,8 @@ class Progress:
 
 def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION) -> State:
     """The final state dashboards show: counts in the message, the report as the result; Failed when more
-    than `max_failure_fraction` of the manifest's entries failed in this run."""
+    than `max_failure_fraction` of the manifest's entries failed in this run, or when entries are held by
+    another run that is still alive (they are not done)."""
     counts = report["counts"]
     message = f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped"
     if counts.get("changed"):
@@ -37,6 +38,9 @@ def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION
     if counts.get("in_progress"):
         message += f", {counts['in_progress']} in progress in another run"
     fraction = counts["failed"] / max(1, counts["total"])
+    if counts.get("in_progress"):  # never a success while entries of the manifest are undone
+        return Failed(message=f"{message}: {counts['in_progress']} entries are held by a live run of this batch; "
+                              "run it again once that run ends", data=report)
     if fraction > max_failure_fraction:
         return Failed(message=f"{message}: {counts['failed']} of {counts['total']} entries failed "
                               f"({fraction:.0%} > max_failure_fraction {max_failure_fraction:g})", data=report)

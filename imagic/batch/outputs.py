@@ -230,6 +230,7 @@ def record_summary(record: dict) -> bytes:
     selection = record.get("selection")
     return json.dumps({
         "status": record["status"], "entry_id": record["entry_id"], "attempt": record.get("attempt", 1),
+        "run_id": record.get("run_id"),
         "folder": record.get("folder"), "manifest_line": record.get("manifest_line"),
         "target_text": record.get("target_text"), "input": {"uri": record.get("input", {}).get("uri")},
         "wall_seconds": record.get("wall_seconds", 0.0), "device_seconds": record.get("device_seconds"),

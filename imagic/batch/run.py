@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from imagic.batch.claims import RENEW_EVERY_S, claim, live_claim, release
+from imagic.batch.claims import Heartbeat, claim, live_claim, release
 from imagic.batch.manifest import Entry, Rejected
 from imagic.batch.outputs import (ERROR_FILE, RECORD_FILE, RESUME_FILE, SHEET_FILE, edit_record, failure_record,
                                   in_progress_record, json_bytes, record_summary)
@@ -48,29 +48,30 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
     settings = settings or Settings.defaults()
     if holder is None or not folder:
         return _edit_into(editor, entry, store, folder, model, callback, settings, stop, overhead_seconds)
-    if claim(store, folder, holder) is None:
+    try:
+        taken = claim(store, folder, holder)
+    except StorageError as err:  # this entry's claim cannot be written: this entry fails, the batch goes on
+        return failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image, target_text=entry.target_text,
+                              reason="storage_error", attempt=entry.attempt,
+                              message=f"could not claim the entry: {redact_text(str(err), entry.image)}")
+    if taken is None:
         return in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt, folder=folder,
                                   input_uri=entry.image, target_text=entry.target_text,
                                   holder=live_claim(store, folder) or {})
-    renewed = time.monotonic()
-
-    def renewing(stage: str, step: int, total: int, loss: float) -> None:
-        nonlocal renewed
-        if time.monotonic() - renewed > RENEW_EVERY_S:
-            claim(store, folder, holder)
-            renewed = time.monotonic()
-        if callback is not None:
-            callback(stage, step, total, loss)
-
     try:
-        return _edit_into(editor, entry, store, folder, model, renewing, settings, stop, overhead_seconds)
+        with Heartbeat(store, folder, holder):  # renewed from a thread, whatever stage the edit is in
+            return _edit_into(editor, entry, store, folder, model, callback, settings, stop, overhead_seconds,
+                              holder)
     finally:
-        release(store, folder, holder)
+        try:
+            release(store, folder, holder)
+        except StorageError:
+            pass  # the lease runs out by itself, within LEASE_S
 
 
 def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model: str,
                callback: ProgressCallback | None, settings: Settings, stop: Callable[[], bool] | None,
-               overhead_seconds: float = 0.0) -> dict:
+               overhead_seconds: float = 0.0, holder: str | None = None) -> dict:
     from imagic.engine.checkpoints import Preempted  # torch: only where an edit runs
 
     key = (lambda name: f"{folder}/{name}") if folder else (lambda name: name)
@@ -81,7 +82,10 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
                                 target_text=entry.target_text, reason=reason,
                                 message=redact_text(message, entry.image),
                                 seconds=time.perf_counter() - started, attempt=entry.attempt)
-        store.write_bytes(key(ERROR_FILE), json_bytes(record))
+        try:
+            store.write_bytes(key(ERROR_FILE), json_bytes(record))
+        except StorageError:
+            pass  # the store is failing: the run's report still has this entry's failure, and a re-run retries it
         return record
 
     if over := settings.budget_problems(entry.config, entry.etas, entry.seeds):  # this worker's own limits
@@ -112,6 +116,17 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
         editor.recover()
         return fail(*failure_reason(err, settings))
 
+    try:
+        return _write_outputs(result, entry, store, key, folder, model, editor, input_bytes, input_fingerprint,
+                              started, overhead_seconds, checkpoints, settings, holder)
+    except StorageError as err:  # this entry's outputs cannot be written: it fails, the batch goes on
+        return fail("storage_error", f"could not write the outputs: {err}")
+
+
+def _write_outputs(result, entry: Entry, store: Storage, key, folder: str, model: str, editor: Editor,
+                   input_bytes: bytes, input_fingerprint: str | None, started: float, overhead_seconds: float,
+                   checkpoints, settings: Settings, holder: str | None) -> dict:
+    """Images, contact sheet and artifacts, then `record.json` last (create-if-absent)."""
     files = result.to_files()
     files[SHEET_FILE] = png_bytes(
         contact_sheet(result.input_image, result.images, title=entry.target_text, selection=result.selection)
@@ -128,13 +143,18 @@ def _edit_into(editor: Editor, entry: Entry, store: Storage, folder: str, model:
     # What the entry held its device for: its own wall time and its share of the worker's start and model load.
     record["device_seconds"] = record["wall_seconds"] + overhead_seconds
     record["overhead_seconds"] = overhead_seconds
+    record["run_id"] = holder  # which run of the batch made it: its report counts only its own
     if checkpoints is not None and checkpoints.resumed:
         record["resumed"] = {"from": checkpoints.resumed, "saved_every_steps": settings.checkpoint_every_steps}
     # … the record last, and only once: a concurrent or repeated run never overwrites a finished entry.
-    if not store.write_bytes(key(RECORD_FILE), json_bytes(record), if_absent=True):
-        record["status"] = "already_done"
+    data = json_bytes(record)
+    if not store.write_bytes(key(RECORD_FILE), data, if_absent=True) and store.read_bytes(key(RECORD_FILE)) != data:
+        record["status"] = "already_done"  # another run's (a retry that finds its own lost write is not)
     if checkpoints is not None:
-        store.delete(key(RESUME_FILE))  # finished: nothing to resume
+        try:
+            store.delete(key(RESUME_FILE))  # finished: nothing to resume
+        except StorageError:
+            pass  # a stale resume file beside a record is never read: a finished attempt is not resumed
     return record
 
 
@@ -188,7 +208,10 @@ def read_summaries(entries: list[Entry], store: Storage, holder: str | None = No
 
     def read(entry: Entry) -> bytes:
         try:
-            return record_summary(json.loads(store.read_bytes(f"{entry.folder}/{RECORD_FILE}")))
+            record = json.loads(store.read_bytes(f"{entry.folder}/{RECORD_FILE}"))
+            if holder is not None and record.get("run_id") not in (None, holder):
+                record["status"] = "already_done"  # finished by another run of the batch, not by this one
+            return record_summary(record)
         except (StorageError, ValueError, KeyError, TypeError, AttributeError):
             pass  # none yet, or unreadable as a record: its error record, if any, says what happened
         try:

@@ -2,6 +2,7 @@
 a re-run plans by request (done, changed, failed), and a redo never overwrites a finished attempt."""
 
 import json
+import os
 
 import pytest
 
@@ -256,17 +257,68 @@ def test_the_report_counts_entries_in_progress_elsewhere(editor, inputs, tmp_pat
 
 
 def test_a_long_edit_renews_its_lease(editor, inputs, tmp_path, monkeypatch):
-    """Leases are short (a crashed run frees its entry within minutes) and renewed while an entry trains."""
+    """Leases are short (a run that dies without a word frees its entry within a minute) and renewed by a
+    heartbeat while an entry is edited."""
     import imagic.batch.claims as claims_module
-    import imagic.batch.run as run
 
     store = LocalStorage(tmp_path / "out")
-    [entry] = manifest(inputs, "good.png", web=False, loss_readback_steps=1)
-    monkeypatch.setattr(run, "RENEW_EVERY_S", 0.0)  # renew at every progress report
+    [entry] = manifest(inputs, "good.png", web=False, finetune_steps=60)
+    monkeypatch.setattr(claims_module, "RENEW_EVERY_S", 0.02)
     assert run_entry(editor, entry, store, model="tiny", holder="run-a")["status"] == "succeeded"
     claims = [json.loads(store.read_bytes(k)) for k in store.list("good/.claims/")]
     assert len(claims) > 3 and {c["holder"] for c in claims} == {"run-a"}  # first, renewals, release
-    assert claims[-1]["expires_at"] == 0.0 and claims_module.LEASE_S <= 600
+    assert claims[-1]["expires_at"] == 0.0 and claims_module.LEASE_S < 60
+    assert claims[0]["pid"] == os.getpid() and claims[0]["host"] and claims[0]["token"]
+
+
+def test_an_entry_held_by_a_dead_process_of_this_host_is_taken_over_at_once(editor, inputs, tmp_path):
+    import subprocess
+    import sys
+
+    from imagic.batch.claims import live_claim
+
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    subprocess.run([sys.executable, "-c", "import sys; from imagic.batch.claims import claim; "
+                    "from imagic.io.storage import LocalStorage; "
+                    f"assert claim(LocalStorage({str(store.root)!r}), 'good', 'run-dead', lease_s=600)"], check=True)
+    assert live_claim(store, "good") is None  # its lease runs ten more minutes, but its process has ended
+    assert run_entry(editor, entry, store, model="tiny", holder="run-b")["status"] == "succeeded"
+
+
+class LostResponses(LocalStorage):
+    """A store whose create-if-absent writes are done but whose answers are lost: a retry finds the object."""
+
+    def write_bytes(self, key, data, *, if_absent=False, if_version=None):
+        written = super().write_bytes(key, data, if_absent=if_absent, if_version=if_version)
+        if if_absent and written:
+            super().write_bytes(key, data, if_absent=True)  # the retry: the object is there
+            return False
+        return written
+
+
+def test_a_lost_response_never_makes_a_run_a_stranger_to_its_own_claim_or_record(editor, inputs, tmp_path):
+    store = LostResponses(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    record = run_entry(editor, entry, store, model="tiny", holder="run-a")
+    assert record["status"] == "succeeded" and json.loads(store.read_bytes("good/record.json"))["status"] == "succeeded"
+
+
+class FailingClaims(LocalStorage):
+    def write_bytes(self, key, data, **kwargs):
+        if "/.claims/" in key:
+            from imagic.io.storage import StorageError
+
+            raise StorageError(f"{key}: cannot write (InternalError)", transient=True)
+        return super().write_bytes(key, data, **kwargs)
+
+
+def test_a_claim_that_cannot_be_written_fails_that_entry_only(editor, inputs, tmp_path):
+    store = FailingClaims(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    record = run_entry(editor, entry, store, model="tiny", holder="run-a")
+    assert record["status"] == "failed" and record["error"]["reason"] == "storage_error"
+    assert "could not claim" in record["error"]["message"]
 
 
 def test_an_entry_is_charged_its_share_of_the_worker_overhead(editor, inputs, tmp_path):

@@ -9,20 +9,16 @@ from imagic.io.inputs import read_uri
 from imagic.io.storage import StorageError, open_storage
 
 
-def test_read_uri_from_s3_path_and_http(s3_env, tmp_path):
-    open_storage(f"s3://{s3_env}").write_bytes("img/a.png", b"abc")
-    assert read_uri(f"s3://{s3_env}/img/a.png") == b"abc"
-    (tmp_path / "b.png").write_bytes(b"def")
-    assert read_uri(str(tmp_path / "b.png")) == b"def" and read_uri(f"file://{tmp_path}/b.png") == b"def"
-
-    seen = []
+def serve(folder, seen: list | None = None) -> http.server.ThreadingHTTPServer:
+    """A static file server over `folder` on a free port; GETs' (Host, Authorization) go into `seen`."""
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path), **kwargs)
+            super().__init__(*args, directory=str(folder), **kwargs)
 
         def do_GET(self):
-            seen.append((self.headers.get("Host"), self.headers.get("Authorization")))
+            if seen is not None:
+                seen.append((self.headers.get("Host"), self.headers.get("Authorization")))
             super().do_GET()
 
         def log_message(self, *args):
@@ -30,6 +26,17 @@ def test_read_uri_from_s3_path_and_http(s3_env, tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_read_uri_from_s3_path_and_http(s3_env, tmp_path):
+    open_storage(f"s3://{s3_env}").write_bytes("img/a.png", b"abc")
+    assert read_uri(f"s3://{s3_env}/img/a.png") == b"abc"
+    (tmp_path / "b.png").write_bytes(b"def")
+    assert read_uri(str(tmp_path / "b.png")) == b"def" and read_uri(f"file://{tmp_path}/b.png") == b"def"
+
+    seen = []
+    server = serve(tmp_path, seen)
     try:
         base = f"http://127.0.0.1:{server.server_port}"
         assert read_uri(f"{base}/b.png") == b"def"
@@ -108,15 +115,7 @@ def test_an_input_fingerprint_is_what_a_read_saw_and_costs_one_listing_per_s3_fo
     later = input_fingerprints(uris)
     assert later[uris[0]] != found[uris[0]] and later[uris[4]] != found[uris[4]] and later[uris[1]] == found[uris[1]]
 
-    class Handler(http.server.SimpleHTTPRequestHandler):  # HEAD answers Last-Modified and Content-Length
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(tmp_path), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(tmp_path)  # HEAD answers Last-Modified and Content-Length
     try:
         web = f"http://127.0.0.1:{server.server_port}/d.png"
         assert input_fingerprints([web])[web] == read_input(web)[1] is not None
