@@ -16,7 +16,7 @@ from flows.retry import STORAGE_RETRIES
 from imagic.batch.catalogue import update_catalogue
 from imagic.batch.manifest import (Entry, Rejected, batch_model, detect_format, read_manifest_text, runnable,
                                    stage_manifest, validate_manifest)
-from imagic.batch.outputs import batch_id_for
+from imagic.batch.outputs import MANIFESTS, batch_id_for
 from imagic.batch.plan import Plan, Redo, chunk, plan, plan_summary
 from imagic.batch.report import batch_report, run_info, run_records, write_report
 from imagic.batch.run import read_summaries, reject
@@ -86,6 +86,8 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
     """
     started, holder = time.perf_counter(), str(prefect.runtime.flow_run.id)  # entries are claimed for this run
     settings = Settings.from_env("local")
+    if not manifest_uri.startswith(f"{output_uri.rstrip('/')}/{MANIFESTS}/"):  # not one this project staged
+        settings = settings.bounded_by(manifest_uri)
     # 1. Read and validate (not retried: a file that cannot run stops here, every problem with its line), plan
     text = read_manifest(manifest_uri)
     entries, rejected, file_problems = validate_manifest(text, detect_format(manifest_uri), preset=preset,

@@ -3,6 +3,7 @@
 import os
 import tempfile
 import threading
+import uuid
 
 import pytest
 
@@ -115,7 +116,7 @@ def s3_env(s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     import boto3
 
-    bucket = f"bucket-{threading.get_ident() % 100000}-{id(monkeypatch) % 100000}"
+    bucket = f"bucket-{uuid.uuid4().hex[:16]}"  # a fresh one per test (an object's id is reused once freed)
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     return bucket
 

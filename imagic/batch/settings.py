@@ -9,6 +9,7 @@ somebody else's input, and the operator decides what it may cost and touch.
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,6 +57,18 @@ class Settings(BaseSettings):
         if mode == "deployment" and settings.allowed_inputs is None:
             return settings.model_copy(update={"allowed_inputs": ["s3://"]})
         return settings
+
+    def bounded_by(self, manifest_uri: str) -> Settings:
+        """These settings for a manifest read from `manifest_uri`: unless the operator set `allowed_inputs`, a
+        manifest from a bucket may name only objects in S3, one from a web server only that server's — never
+        this machine's files or an internal service (whoever wrote a shared manifest is not this machine's
+        user)."""
+        if self.allowed_inputs is not None or "://" not in manifest_uri or manifest_uri.startswith("file://"):
+            return self
+        if manifest_uri.startswith("s3://"):
+            return self.model_copy(update={"allowed_inputs": ["s3://"]})
+        parts = urlsplit(manifest_uri)
+        return self.model_copy(update={"allowed_inputs": [f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/"]})
 
     @classmethod
     def defaults(cls) -> Settings:

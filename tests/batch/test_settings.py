@@ -38,3 +38,16 @@ def test_budgets_name_the_setting_that_allows_more():
         "etas × seeds: 5 is over the limit of 4 (operator setting IMAGIC_MAX_IMAGES)",
     ]
     assert not Settings().budget_problems(make_config("paper"), etas=[1.0], seeds=[0])
+
+
+def test_a_manifest_from_a_bucket_or_a_server_reads_only_from_there():
+    local = Settings.defaults()
+    assert local.bounded_by("manifest.jsonl") is local and local.input_allowed("/etc/passwd")
+    from_bucket = local.bounded_by("s3://shared/manifest.jsonl")
+    assert from_bucket.input_allowed("s3://other/a.png")
+    assert not from_bucket.input_allowed("/home/me/a.png") and not from_bucket.input_allowed("http://10.0.0.1/x")
+    from_web = local.bounded_by("https://user:pw@data.example.com/m.jsonl?sig=1")
+    assert from_web.allowed_inputs == ["https://data.example.com/"]
+    assert from_web.input_allowed("https://data.example.com/a.png") and not from_web.input_allowed("http://169.254.169.254/")
+    chosen = local.model_copy(update={"allowed_inputs": ["file:"]})
+    assert chosen.bounded_by("s3://shared/manifest.jsonl") is chosen  # the operator's choice wins

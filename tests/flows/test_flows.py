@@ -189,3 +189,26 @@ def test_a_batch_on_a_cascade_takes_the_cascade_recipe_and_resumes(prefect, tmp_
     assert record["model"] == "tiny-if" and "add_k_proj" in record["config"]["lora_target_modules"]
     assert [stage["finetuned_on"] for stage in record["stages"]] == ["e_opt", "e_tgt"]
     assert bulk_edit(str(manifest), str(out), return_state=True).message.startswith("0 succeeded, 0 failed, 1 skipped")
+
+
+def test_a_manifest_from_a_bucket_reads_no_local_file_and_tells_none_apart(prefect, s3_env, tmp_path, tiny_dir):
+    """A shared manifest's author may not name this machine's files (nor learn which exist)."""
+    from flows.bulk_edit import bulk_edit
+    from imagic.io.storage import open_storage
+
+    draw_scene().save(tmp_path / "a.png")
+    (tmp_path / "secret.txt").write_text("not for the bucket")
+    bucket = open_storage(f"s3://{s3_env}")
+    bucket.write_bytes("in/a.png", (tmp_path / "a.png").read_bytes())
+    rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
+            {"id": "mine", "image": f"s3://{s3_env}/in/a.png", "target_text": "a blue circle"},
+            {"id": "exists", "image": str(tmp_path / "secret.txt"), "target_text": "x"},
+            {"id": "missing", "image": str(tmp_path / "nothing.png"), "target_text": "x"}]
+    bucket.write_bytes("shared/manifest.jsonl", ("\n".join(json.dumps(r) for r in rows) + "\n").encode())
+    out = tmp_path / "out"
+    bulk_edit(f"s3://{s3_env}/shared/manifest.jsonl", str(out), model=str(tiny_dir), return_state=True)
+    errors = {name: json.loads((out / name / "error.json").read_text())["error"] for name in ("exists", "missing")}
+    assert {e["reason"] for e in errors.values()} == {"input_not_allowed"}
+    assert errors["exists"]["message"].replace("secret.txt", "X") == errors["missing"]["message"].replace(
+        "nothing.png", "X")  # the same answer whether the file exists or not
+    assert (out / "mine" / "record.json").exists()

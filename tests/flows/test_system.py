@@ -162,7 +162,10 @@ def test_killing_the_worker_mid_batch_then_rerunning_loses_and_duplicates_nothin
         stop(worker)
     after = s3_objects(cluster, "killed")
     done_before = records(before)
-    assert f"{4 - len(done_before)} succeeded, 0 failed, {len(done_before)} skipped" in output
+    # A chunk the dead parent had submitted may still run on the new worker: its entry is then done by that
+    # run, not this one, and this run's report says so (`already_done`, counted as skipped).
+    succeeded, skipped = map(int, re.search(r"(\d+) succeeded, 0 failed, (\d+) skipped", output).groups())
+    assert succeeded + skipped == 4 and skipped >= len(done_before) and succeeded >= 1
     assert records(after) == {"e0", "e1", "e2", "e3"}
     assert not [k for k in after if k.endswith("error.json")]
     for entry in done_before:  # finished before the kill: untouched
