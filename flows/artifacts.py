@@ -12,6 +12,7 @@ from imagic.batch.outputs import SHEET_FILE
 # Above this share of the manifest's entries failing, the flow run ends Failed so that automations alert.
 MAX_FAILURE_FRACTION = 0.5
 GALLERY_SIZE = 24  # contact sheets shown in the Prefect UI: those that need a look first
+SUMMARY_ROWS = 50  # rows of each list in the markdown summary (100k "needs review" lines would be megabytes)
 TABLE_ROWS = 500  # entries in the UI's table (100k rows would be the API's problem): failures, then reviews first
 
 
@@ -28,10 +29,12 @@ class Progress:
 
 
 def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION) -> State:
-    """The final state dashboards show: counts in the message, the report as the result; Failed when more
+    """The final state dashboards show: counts in the message, the report as the result (without its
+    entries: 100k rows are in report.json, not in the Prefect API); Failed when more
     than `max_failure_fraction` of the manifest's entries failed in this run, or when entries are held by
     another run that is still alive (they are not done)."""
     counts = report["counts"]
+    report = {key: value for key, value in report.items() if key != "entries"}
     message = f"{counts['succeeded']} succeeded, {counts['failed']} failed, {counts['skipped']} skipped"
     if counts.get("changed"):
         message += f", {counts['changed']} changed (not redone: --redo changed)"
@@ -65,18 +68,27 @@ def publish_report(report: dict, links: dict, share_url=None) -> None:
              f"Report: `{links['report']}` · [index]({links['share_index']}) · dataset: `{links['dataset']}`"]
     if report["needs_review"]:
         lines += ["", "| entry | needs review because |", "|---|---|"]
-        lines += [f"| {r['entry_id']} | {r['reason']} |" for r in report["needs_review"]]
+        lines += _capped([f"| {r['entry_id']} | {r['reason']} |" for r in report["needs_review"][:SUMMARY_ROWS + 1]],
+                         len(report["needs_review"]), links["report"])
     if report["changed"]:
         lines += ["", "| entry | changed since its record (rerun with --redo changed) |", "|---|---|"]
-        lines += [f"| {c['entry_id']} | {', '.join(c['changes'])} |" for c in report["changed"]]
+        lines += _capped([f"| {c['entry_id']} | {', '.join(c['changes'])} |"
+                          for c in report["changed"][:SUMMARY_ROWS + 1]], len(report["changed"]), links["report"])
     if report["failures"]:
         lines += ["", "| entry | line | reason | message |", "|---|---|---|---|"]
-        lines += [f"| {f['entry_id']} | {f['line']} | {f['reason']} | {f['message'][:120]} |"
-                  for f in report["failures"]]
+        lines += _capped([f"| {f['entry_id']} | {f['line']} | {f['reason']} | {f['message'][:120]} |"
+                          for f in report["failures"][:SUMMARY_ROWS + 1]], len(report["failures"]), links["report"])
     create_markdown_artifact("\n".join(lines), key=f"{key}-summary")
     if share_url is not None:
         create_markdown_artifact(contact_sheet_gallery(report, share_url), key=f"{key}-contact-sheets",
                                  description="contact sheets, those that need review first")
+
+
+def _capped(rows: list[str], total: int, report_uri: str) -> list[str]:
+    """At most SUMMARY_ROWS table rows, then how many more there are and where."""
+    if total <= SUMMARY_ROWS:
+        return rows
+    return rows[:SUMMARY_ROWS] + [f"| … and {total - SUMMARY_ROWS:,} more in `{report_uri}` | |"]
 
 
 def _cost_line(cost: dict) -> str:

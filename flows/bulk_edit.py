@@ -8,6 +8,8 @@ from typing import Literal
 
 import prefect.runtime.flow_run
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from flows.artifacts import MAX_FAILURE_FRACTION, Progress, final_state, publish_report
 from flows.dispatch import EDIT_CHUNK_DEPLOYMENT, dispatch_deployments
@@ -37,7 +39,9 @@ def stage(manifest_uri: str, text: str, output_uri: str) -> str:
     return stage_manifest(open_storage(output_uri), manifest_uri, text)
 
 
-@task(**STORAGE_RETRIES)
+# NO_CACHE: their inputs are the whole batch (100k entries, a Plan): hashing them for a cache key would
+# cost the parent what the plan saves, and a store's state is never worth caching.
+@task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
 def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, check_inputs: bool,
                settings: Settings) -> Plan:
     """Resume by request: done, changed (not redone unless asked), failed, to do — see imagic.batch.plan. The
@@ -50,7 +54,7 @@ def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, ch
     return planned
 
 
-@task(**STORAGE_RETRIES)
+@task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
 def report_batch(output_uri: str, batch_id: str, planned: Plan, rejected: list[Rejected], run: dict,
                  started: float, price_per_gpu_hour: float | None = None) -> tuple[dict, dict]:
     """Every entry of the manifest with what this run did with it: report, index, dataset (and their links)."""
@@ -94,7 +98,8 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
                                                          overrides=overrides, model=model, settings=settings)
     entries = runnable(entries, rejected, file_problems)
     model = batch_model(entries, model)
-    planned = plan_batch(entries, output_uri, model, Redo(redo), check_inputs, settings)
+    # quote: the batch's entries (and below, its plan) are not walked by Prefect looking for futures
+    planned = plan_batch(quote(entries), output_uri, model, Redo(redo), check_inputs, settings)
     batch_id = batch_id or batch_id_for(manifest_uri, output_uri)
     for level, message in plan_summary(planned, rejected):
         get_run_logger().log(level, message)
@@ -115,6 +120,7 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
 
     # 3. Report: every entry of the manifest, whatever this run did with it
     run = run_info(holder, manifest_uri, output_uri, model, Redo(redo).value)
-    report, links = report_batch(output_uri, batch_id, planned, rejected, run, started, settings.gpu_hour_price)
+    report, links = report_batch(output_uri, batch_id, quote(planned), rejected, run, started,
+                                 settings.gpu_hour_price)
     publish_report(report, links, open_storage(output_uri).share_url)
     return final_state(report, max_failure_fraction)

@@ -402,16 +402,16 @@ def _batch_progress(entries: list, output: str):
 
     try:
         store = open_storage(output)
-        _, failed_before = state(store.list())
     except Exception:
         yield
         return
-    ids, stop = {e.id for e in entries}, threading.Event()
+    ids, stop, failed_before = {e.id for e in entries}, threading.Event(), None
     bar = Progress(TextColumn("[bold]entries"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                    TimeRemainingColumn(), console=console, transient=True)
     task = bar.add_task("entries", total=len(ids), note="")
 
     def watch() -> None:
+        nonlocal failed_before
         while True:
             started = time.monotonic()
             try:
@@ -419,6 +419,8 @@ def _batch_progress(entries: list, output: str):
             except Exception:  # the store is the flow's business; the bar just waits
                 finished = None
             if finished is not None:
+                if failed_before is None:  # the first listing: what had failed before this run
+                    failed_before = failed
                 finished, failed = finished & ids, (failed & ids) - failed_before - finished
                 bar.update(task, completed=len(finished | failed), note=f"{len(failed)} failed" if failed else "")
             # Every 2 s, but never more than 1/20 of the time in listings: a 100k batch's store has 1.4 M keys.

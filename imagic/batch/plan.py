@@ -10,7 +10,6 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from enum import Enum
 
 from imagic.batch.catalogue import CATALOGUE, catalogue_line, read_catalogue
@@ -34,16 +33,21 @@ class Redo(str, Enum):
 _REDO_ORDER = list(Redo)
 
 
-@dataclass
 class Plan:
-    """What a run of a batch does with each valid entry."""
+    """What a run of a batch does with each valid entry.
 
-    todo: list[Entry] = field(default_factory=list)  # with the attempt folder each writes
-    # (entry, its finished record's summary: `record_summary`'s JSON, not the record — 100k records are gigabytes)
-    done: list[tuple[Entry, bytes]] = field(default_factory=list)
-    changed: list[tuple[Entry, bytes, list[str]]] = field(default_factory=list)  # (entry, summary, what differs)
-    failed: list[Entry] = field(default_factory=list)  # failed before and not retried (redo=none)
-    catalogue: list[bytes] = field(default_factory=list)  # lines for records read now: `update_catalogue` them
+    A plain class on purpose: Prefect walks the dataclasses, lists and models a task returns or takes (looking
+    for futures and states to link), and at 100k entries that walk took longer than the plan itself."""
+
+    __slots__ = ("todo", "done", "changed", "failed", "catalogue")
+
+    def __init__(self):
+        self.todo: list[Entry] = []  # with the attempt folder each writes
+        # (entry, its finished record's summary: `record_summary`'s JSON, not the record — 100k records are GBs)
+        self.done: list[tuple[Entry, bytes]] = []
+        self.changed: list[tuple[Entry, bytes, list[str]]] = []  # (entry, summary, what differs)
+        self.failed: list[Entry] = []  # failed before and not retried (redo=none)
+        self.catalogue: list[bytes] = []  # lines for records read now: `update_catalogue` them
 
 
 def plan(entries: list[Entry], store: Storage, *, model: str, model_hash: str | None = None,
