@@ -24,7 +24,7 @@ class Progress:
         self.artifact = create_progress_artifact(0.0, key=f"bulk-edit-{batch_id}", description="entries finished")
 
     def advance(self, count: int) -> None:
-        self.finished += count
+        self.finished = min(self.total, self.finished + count)  # entries edited again after a wait count once
         update_progress_artifact(self.artifact, 100.0 * self.finished / max(1, self.total))
 
 
@@ -43,7 +43,7 @@ def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION
     fraction = counts["failed"] / max(1, counts["total"])
     if counts.get("in_progress"):  # never a success while entries of the manifest are undone
         return Failed(message=f"{message}: {counts['in_progress']} entries are held by a live run of this batch; "
-                              "run it again once that run ends", data=report)
+                              "run it again once that run ends, or with --wait-held", data=report)
     if fraction > max_failure_fraction:
         return Failed(message=f"{message}: {counts['failed']} of {counts['total']} entries failed "
                               f"({fraction:.0%} > max_failure_fraction {max_failure_fraction:g})", data=report)

@@ -3,6 +3,7 @@ logic is the batch layer's (imagic/batch/), the UI's in flows/artifacts.py, disp
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Literal
 
@@ -21,7 +22,7 @@ from imagic.batch.manifest import (Entry, Rejected, batch_model, detect_format, 
 from imagic.batch.outputs import MANIFESTS, batch_id_for
 from imagic.batch.plan import Plan, Redo, chunk, plan, plan_summary
 from imagic.batch.report import batch_report, run_info, run_records, write_report
-from imagic.batch.run import read_summaries, reject
+from imagic.batch.run import held_by_others, read_summaries, reject
 from imagic.batch.settings import Settings
 from imagic.engine.identity import known_model_sha256
 from imagic.io.storage import open_storage
@@ -70,6 +71,23 @@ def report_batch(output_uri: str, batch_id: str, planned: Plan, rejected: list[R
     return report, write_report(store, report, records())
 
 
+HELD_POLL_S = 10.0  # how often a run waiting for entries another run holds looks at them again
+
+
+def wait_for_held(entries: list[Entry], output_uri: str, holder: str, wait_s: float, edit) -> None:
+    """Up to `wait_s`, wait for the `entries` that another live run of the batch holds, and `edit` those it
+    lets go unfinished (it died, or was stopped): a re-run after a crash, or beside a run still going, then
+    ends with every entry done instead of Failed with entries in progress."""
+    store, deadline = open_storage(output_uri), time.monotonic() + wait_s
+    held, _ = held_by_others(entries, store, holder)
+    while held and (left := deadline - time.monotonic()) > 0:
+        get_run_logger().info("waiting for %d entries held by another run (%.0f s left)", len(held), left)
+        time.sleep(min(HELD_POLL_S, left))
+        held, freed = held_by_others(held, store, holder)
+        if freed:
+            edit(freed)
+
+
 def run_name() -> str:
     """Findable flow-run names: `bulk-edit manifest.jsonl → s3://bucket/out`."""
     parameters = prefect.runtime.flow_run.parameters
@@ -81,12 +99,14 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
               model: str | None = None, preset: str | None = None, overrides: dict | None = None,
               chunk_size: int = 8, max_in_flight: int = 4, device: str = "auto", batch_id: str | None = None,
               deployment: str = EDIT_CHUNK_DEPLOYMENT, max_failure_fraction: float = MAX_FAILURE_FRACTION,
-              redo: Redo = Redo.failed, check_inputs: bool = True):
+              redo: Redo = Redo.failed, check_inputs: bool = True, wait_held_s: float = 0.0):
     """Edit every entry of a manifest into `output_uri`; resumable by request, with a report of the batch.
 
     `redo`: besides new entries, what to edit again — `failed` (default), `changed` (entries whose finished
     record answers another request: model, config, η grid, input content…), `all`, or `none`. A redone
-    entry gets a new attempt folder; nothing finished is overwritten.
+    entry gets a new attempt folder; nothing finished is overwritten. `wait_held_s`: how long to wait for
+    entries another live run of the batch holds (and to edit those it leaves undone); without it, such a run
+    ends Failed.
     """
     started, holder = time.perf_counter(), str(prefect.runtime.flow_run.id)  # entries are claimed for this run
     settings = Settings.from_env("local")
@@ -105,18 +125,30 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
         get_run_logger().log(level, message)
 
     # 2. Edit, chunk by chunk: in this process (the model loaded once), or one edit-chunk run per chunk
-    progress, chunks = Progress(batch_id, len(planned.todo)), chunk(planned.todo, chunk_size)
-    if mode == "local" and chunks:
+    progress = Progress(batch_id, len(planned.todo))
+
+    @functools.cache
+    def loaded_editor():
         loaded = time.perf_counter()
         editor = load_editor(model, device)
-        overhead = worker_overhead(editor, loaded) / len(planned.todo)  # the model is loaded once for all
-        for entries_of_chunk in chunks:
-            run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder, overhead)
-            progress.advance(len(entries_of_chunk))
-    elif mode == "deployment" and chunks:  # no pod reads the caller's disk: the manifest and chunks are in the store
-        get_run_logger().info("manifest staged at %s", stage(manifest_uri, text, output_uri))
-        dispatch_deployments(chunks, output_uri, batch_id, model, device, max_in_flight, deployment,
-                             progress.advance)
+        return editor, worker_overhead(editor, loaded) / len(planned.todo)  # the model is loaded once for all
+
+    def edit(todo: list[Entry]) -> None:
+        if mode == "local":
+            editor, overhead = loaded_editor()
+            for entries_of_chunk in chunk(todo, chunk_size):
+                run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder, overhead)
+                progress.advance(len(entries_of_chunk))
+        else:  # no pod reads the caller's disk: the manifest and chunks are in the store
+            dispatch_deployments(chunk(todo, chunk_size), output_uri, batch_id, model, device, max_in_flight,
+                                 deployment, progress.advance)
+
+    if planned.todo:
+        if mode == "deployment":
+            get_run_logger().info("manifest staged at %s", stage(manifest_uri, text, output_uri))
+        edit(planned.todo)
+        if wait_held_s:
+            wait_for_held(planned.todo, output_uri, holder, wait_held_s, edit)
 
     # 3. Report: every entry of the manifest, whatever this run did with it
     run = run_info(holder, manifest_uri, output_uri, model, Redo(redo).value)

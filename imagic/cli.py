@@ -157,6 +157,9 @@ def run(
     device: DeviceOption = "auto",
     max_failure_fraction: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Above this share of failed entries the batch ends Failed (exit 1).")] = 0.5,
+    wait_held: Annotated[float, typer.Option("--wait-held", min=0.0, metavar="SECONDS", help=(
+        "Wait up to this long for entries another live run of this batch holds, and edit those it leaves "
+        "undone; without it, such a run ends Failed (exit 1)."))] = 0.0,
     submit: Annotated[bool, typer.Option("--submit", help="Deployment mode: submit the bulk-edit deployment (the "
                                          "parent runs on the work pool) and return; follow it with "
                                          "`imagic status OUTPUT --follow`.")] = False,
@@ -175,7 +178,8 @@ def run(
         store = open_storage(output)  # a bad scheme, at once
         parameters = dict(output_uri=output, mode=Mode(mode).value, model=model, preset=preset_name,
                           overrides=overrides, chunk_size=chunk_size, max_in_flight=max_in_flight, device=device,
-                          max_failure_fraction=max_failure_fraction, redo=Redo(redo).value, check_inputs=check_inputs)
+                          max_failure_fraction=max_failure_fraction, redo=Redo(redo).value, check_inputs=check_inputs,
+                          wait_held_s=wait_held)
         if submit:
             return _submit(manifest, text, store, parameters)
         _stop_cleanly_on_signals()

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from imagic.batch.outputs import record_summary, request_digest
-from imagic.io.storage import Storage, StorageError, compare_and_swap
+from imagic.io.storage import STALE_PARTIAL_S, Storage, StorageError, compare_and_swap
 
 CATALOGUE = "_catalogue"
 SHARDS = 256
@@ -85,3 +85,4 @@ def update_catalogue(store: Storage, lines: list[bytes]) -> None:
 
     with ThreadPoolExecutor(max_workers=store.read_concurrency) as pool:
         list(pool.map(merge, by_shard))
+    store.discard_partials(CATALOGUE, older_than_s=STALE_PARTIAL_S)  # shard writes of runs killed mid-write

@@ -82,7 +82,10 @@ def _alive(latest: dict) -> bool:
     if latest.get("host") != HOST or "pid" not in latest:
         return True  # another machine's process: only its lease says
     try:
-        return abs(psutil.Process(latest["pid"]).create_time() - latest.get("started", 0.0)) < 1.0
+        process = psutil.Process(latest["pid"])
+        # A zombie has ended: killed, not yet reaped by its parent (a worker that has not noticed yet).
+        return (abs(process.create_time() - latest.get("started", 0.0)) < 1.0
+                and process.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:  # no such process
         return False
 

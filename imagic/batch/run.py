@@ -59,6 +59,7 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
                                   input_uri=entry.image, target_text=entry.target_text,
                                   holder=live_claim(store, folder) or {})
     try:
+        store.discard_partials(folder)  # writes its earlier holder did not finish: this run holds the folder now
         with Heartbeat(store, folder, holder):  # renewed from a thread, whatever stage the edit is in
             return _edit_into(editor, entry, store, folder, model, callback, settings, stop, overhead_seconds,
                               holder)
@@ -230,6 +231,19 @@ def read_summaries(entries: list[Entry], store: Storage, holder: str | None = No
 
     with ThreadPoolExecutor(max_workers=store.read_concurrency) as pool:
         return list(pool.map(read, entries))
+
+
+def held_by_others(entries: list[Entry], store: Storage, holder: str) -> tuple[list[Entry], list[Entry]]:
+    """(held, freed) of `entries`: those another live run holds now, and those nobody holds that have neither
+    a record nor an error record (their holder ended without finishing them, or never began)."""
+    held, freed = [], []
+    for entry, summary in zip(entries, read_summaries(entries, store, holder), strict=True):
+        record = json.loads(summary)
+        if record["status"] == "in_progress":
+            held.append(entry)
+        elif record.get("error", {}).get("reason") == "not_run":
+            freed.append(entry)
+    return held, freed
 
 
 def _compact(record: dict) -> bytes:

@@ -44,6 +44,7 @@ _PERMANENT_S3_CODES = {"NoSuchBucket", "NoSuchKey", "404", "NotFound", "AccessDe
 LOCK_SUFFIX = ".lock"  # a local store's lock files, beside what they guard; never listed
 # Objects are readable by the group and others, as a web server or a colleague expects (not mkstemp's 0600).
 FILE_MODE = 0o644
+STALE_PARTIAL_S = 3600.0  # a `.partial` this old in a shared folder is a dead writer's: no write takes an hour
 
 
 class Storage(Protocol):
@@ -66,6 +67,12 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove an object; nothing to do when there is none."""
+        ...
+
+    def discard_partials(self, prefix: str, *, older_than_s: float = 0.0) -> int:
+        """Remove what writes interrupted under `prefix` left (a local store's `.partial` files, never listed,
+        never read); returns how many. Only for a prefix nobody else is writing into now, or with
+        `older_than_s` longer than any write takes. S3 has none: a PUT appears whole or not at all."""
         ...
 
     def list(self, prefix: str = "") -> list[str]: ...
@@ -159,6 +166,19 @@ class LocalStorage:
             self._path(key).unlink(missing_ok=True)
         except OSError as err:
             raise StorageError(f"{self.url_for(key)}: cannot delete ({err.strerror or err})") from err
+
+    def discard_partials(self, prefix: str, *, older_than_s: float = 0.0) -> int:
+        base, removed, now = self._path(prefix) if prefix else self.root, 0, time.time()
+        for folder, _, files in os.walk(base):
+            for name in files:
+                path = os.path.join(folder, name)
+                try:
+                    if name.endswith(".partial") and now - os.stat(path).st_mtime >= older_than_s:
+                        os.unlink(path)
+                        removed += 1
+                except OSError:  # its write finished meanwhile, or not this process's to remove
+                    continue
+        return removed
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self.walk(prefix))
@@ -313,6 +333,9 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as err:
             raise self._error("delete", self._key(key), err) from err
+
+    def discard_partials(self, prefix: str, *, older_than_s: float = 0.0) -> int:
+        return 0
 
     def download(self, key: str, path: Path) -> None:
         """Stream one object to a file (boto3's managed, multipart transfer: for multi-GB weights)."""

@@ -327,3 +327,13 @@ def test_an_entry_is_charged_its_share_of_the_worker_overhead(editor, inputs, tm
     record = run_entry(editor, entry, store, model="tiny", overhead_seconds=12.5)
     assert record["overhead_seconds"] == 12.5 and record["device_seconds"] == record["wall_seconds"] + 12.5
     assert json.loads(store.read_bytes("good/record.json"))["device_seconds"] == record["device_seconds"]
+
+
+def test_a_run_that_takes_an_entry_discards_what_a_killed_writer_left_in_its_folder(editor, inputs, tmp_path):
+    store = LocalStorage(tmp_path / "out")
+    [entry] = manifest(inputs, "good.png", web=False)
+    (tmp_path / "out" / "good").mkdir(parents=True)
+    left = tmp_path / "out" / "good" / ".record.json.k1ll3d.partial"  # a kill -9 inside an atomic write
+    left.write_bytes(b'{"half": ')
+    assert run_entry(editor, entry, store, model="tiny", holder="run-b")["status"] == "succeeded"
+    assert not left.exists() and not list((tmp_path / "out").rglob("*.partial"))

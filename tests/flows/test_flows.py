@@ -1,8 +1,13 @@
 """The flows under Prefect's test harness (a real temporary API server), local mode, tiny model."""
 
 import json
+import subprocess
+import sys
+import threading
+import time
 from collections import Counter
 
+import psutil
 import pytest
 
 from tests.conftest import QUICK, draw_scene
@@ -212,3 +217,39 @@ def test_a_manifest_from_a_bucket_reads_no_local_file_and_tells_none_apart(prefe
     assert errors["exists"]["message"].replace("secret.txt", "X") == errors["missing"]["message"].replace(
         "nothing.png", "X")  # the same answer whether the file exists or not
     assert (out / "mine" / "record.json").exists()
+
+
+def test_a_rerun_waits_for_entries_a_live_run_holds_and_edits_what_that_run_leaves(prefect, tmp_path, tiny_dir,
+                                                                                   monkeypatch):
+    """Another run's live process holds `a`: without --wait-held the re-run ends Failed with `a` in progress;
+    with it, the re-run waits, takes `a` once that process is gone, and ends Completed with every entry done."""
+    import flows.bulk_edit
+    from flows.bulk_edit import bulk_edit
+    from imagic.batch.claims import HOST
+    from imagic.batch.outputs import claim_key, json_bytes
+    from imagic.io.storage import LocalStorage
+
+    monkeypatch.setattr(flows.bulk_edit, "HELD_POLL_S", 0.5)
+    draw_scene().save(tmp_path / "a.png")
+    rows = [{"defaults": {"etas": [1.0], "overrides": QUICK}},
+            {"id": "a", "image": str(tmp_path / "a.png"), "target_text": "a blue circle"},
+            {"id": "b", "image": str(tmp_path / "a.png"), "target_text": "a red circle"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the other run's process
+    try:
+        holding = {"holder": "other-run", "host": HOST, "pid": other.pid, "started": psutil.Process(other.pid).create_time(),
+                   "token": "t", "expires_at": time.time() + 600}
+        LocalStorage(out).write_bytes(claim_key("a", 1), json_bytes(holding))
+        state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), return_state=True)
+        assert state.is_failed() and "1 in progress in another run" in state.message, state.message
+        assert not (out / "a" / "record.json").exists() and (out / "b" / "record.json").exists()
+
+        threading.Timer(3.0, other.kill).start()  # the other run dies while this one waits
+        state = bulk_edit(str(manifest), str(out), model=str(tiny_dir), wait_held_s=120, return_state=True)
+    finally:
+        other.kill()
+        other.wait()
+    assert state.is_completed() and state.message.startswith("1 succeeded, 0 failed, 1 skipped"), state.message
+    assert json.loads((out / "a" / "record.json").read_text())["status"] == "succeeded"

@@ -1,5 +1,8 @@
 """The output store: local folders, and S3 over real HTTP against moto's server (path-style, like MinIO)."""
 
+import os
+import time
+
 import pytest
 
 from imagic.io.storage import LocalStorage, S3Storage, StorageError, open_storage
@@ -118,3 +121,18 @@ def test_a_listing_fingerprints_what_it_is_asked_to_and_notices_a_rewrite(store)
         assert first["e1/a.png"] is None  # a stat only where one is wanted
     store.write_bytes("e1/record.json", b'{"other": 1}')
     assert dict(store.listing(name="record.json"))["e1/record.json"] != first["e1/record.json"]
+
+
+def test_partials_of_interrupted_writes_are_discarded_by_age_and_never_listed(store, tmp_path):
+    store.write_bytes("e1/record.json", b"{}")
+    if isinstance(store, S3Storage):  # a PUT appears whole or not at all
+        assert store.discard_partials("e1") == 0 and store.list() == ["e1/record.json"]
+        return
+    old, fresh = tmp_path / "out" / "e1" / ".a.png.x1.partial", tmp_path / "out" / "e1" / "artifacts" / ".b.y2.partial"
+    fresh.parent.mkdir()
+    old.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert store.list() == ["e1/record.json"]
+    assert store.discard_partials("e1", older_than_s=3600) == 1 and not old.exists() and fresh.exists()
+    assert store.discard_partials("e1") == 1 and not fresh.exists()
+    assert store.read_bytes("e1/record.json") == b"{}"
