@@ -3,6 +3,8 @@ gallery when it ends. Plain functions over the report (imagic/batch/report.py)."
 
 from __future__ import annotations
 
+from collections import Counter
+
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.states import Completed, Failed, State
@@ -48,6 +50,15 @@ def final_state(report: dict, max_failure_fraction: float = MAX_FAILURE_FRACTION
         return Failed(message=f"{message}: {counts['failed']} of {counts['total']} entries failed "
                               f"({fraction:.0%} > max_failure_fraction {max_failure_fraction:g})", data=report)
     return Completed(message=message, data=report)
+
+
+def unreported(error: Exception, outcomes: dict[str, dict]) -> State:
+    """The final state of a run whose report could not be written: what its chunks said they did instead
+    (local mode; a deployment's chunks say it in their own runs)."""
+    done = Counter(row["status"] for row in outcomes.values())
+    said = ", ".join(f"{count} {status}" for status, count in sorted(done.items())) or "see its chunk runs"
+    return Failed(message=f"the batch's report could not be written ({error}); this run: {said}. Its records "
+                          "are in the store: a re-run of the batch writes the report and redoes what failed")
 
 
 def publish_report(report: dict, links: dict, share_url=None) -> None:

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.artifacts import MAX_FAILURE_FRACTION, Progress, final_state, publish_report
+from flows.artifacts import MAX_FAILURE_FRACTION, Progress, final_state, publish_report, unreported
 from flows.dispatch import EDIT_CHUNK_DEPLOYMENT, dispatch_deployments
 from flows.edit_chunk import load_editor, run_chunk, worker_overhead
 from flows.retry import STORAGE_RETRIES
@@ -25,7 +25,7 @@ from imagic.batch.report import batch_report, run_info, run_records, write_repor
 from imagic.batch.run import held_by_others, read_summaries, reject
 from imagic.batch.settings import Settings
 from imagic.engine.identity import known_model_sha256
-from imagic.io.storage import open_storage
+from imagic.io.storage import StorageError, open_storage
 
 
 @task(**STORAGE_RETRIES)
@@ -57,10 +57,13 @@ def plan_batch(entries: list[Entry], output_uri: str, model: str, redo: Redo, ch
 
 @task(**STORAGE_RETRIES, cache_policy=NO_CACHE)
 def report_batch(output_uri: str, batch_id: str, planned: Plan, rejected: list[Rejected], run: dict,
-                 started: float, price_per_gpu_hour: float | None = None) -> tuple[dict, dict]:
-    """Every entry of the manifest with what this run did with it: report, index, dataset (and their links)."""
+                 started: float, price_per_gpu_hour: float | None = None,
+                 outcomes: dict[str, dict] | None = None) -> tuple[dict, dict]:
+    """Every entry of the manifest with what this run did with it: report, index, dataset (and their links).
+    `outcomes`: what this run's chunks said of their entries (local mode), for those the store has no word of."""
     store = open_storage(output_uri)
-    rejected_now, edited = reject(store, rejected), read_summaries(planned.todo, store, run["run_id"])
+    rejected_now = reject(store, rejected)
+    edited = read_summaries(planned.todo, store, run["run_id"], outcomes)
     failed_before = read_summaries(planned.failed, store)
 
     def records():  # streamed twice, never held: once for the report's rows, once for the dataset
@@ -125,7 +128,7 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
         get_run_logger().log(level, message)
 
     # 2. Edit, chunk by chunk: in this process (the model loaded once), or one edit-chunk run per chunk
-    progress = Progress(batch_id, len(planned.todo))
+    progress, outcomes = Progress(batch_id, len(planned.todo)), {}
 
     @functools.cache
     def loaded_editor():
@@ -137,7 +140,8 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
         if mode == "local":
             editor, overhead = loaded_editor()
             for entries_of_chunk in chunk(todo, chunk_size):
-                run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder, overhead)
+                for row in run_chunk(editor, entries_of_chunk, output_uri, model, settings, holder, overhead):
+                    outcomes[row["entry_id"]] = row
                 progress.advance(len(entries_of_chunk))
         else:  # no pod reads the caller's disk: the manifest and chunks are in the store
             dispatch_deployments(chunk(todo, chunk_size), output_uri, batch_id, model, device, max_in_flight,
@@ -152,7 +156,10 @@ def bulk_edit(manifest_uri: str, output_uri: str, mode: Literal["local", "deploy
 
     # 3. Report: every entry of the manifest, whatever this run did with it
     run = run_info(holder, manifest_uri, output_uri, model, Redo(redo).value)
-    report, links = report_batch(output_uri, batch_id, quote(planned), rejected, run, started,
-                                 settings.gpu_hour_price)
+    try:
+        report, links = report_batch(output_uri, batch_id, quote(planned), rejected, run, started,
+                                     settings.gpu_hour_price, quote(outcomes))
+    except StorageError as err:  # after its retries: the run ends Failed, saying what it did
+        return unreported(err, outcomes)
     publish_report(report, links, open_storage(output_uri).share_url)
     return final_state(report, max_failure_fraction)

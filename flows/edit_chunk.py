@@ -20,7 +20,7 @@ from imagic.batch.outputs import RECORD_FILE
 from imagic.batch.run import run_entry
 from imagic.batch.settings import Settings
 from imagic.engine.builtins import DEFAULT_MODEL
-from imagic.io.storage import open_storage
+from imagic.io.storage import StorageError, open_storage
 
 if TYPE_CHECKING:
     from imagic.engine.editor import Editor
@@ -44,7 +44,11 @@ def edit_entry(editor: Editor, entry: Entry, output_uri: str, model: str, settin
                overhead_seconds: float = 0.0) -> dict:
     """Edit one entry; a bad input becomes an error record, not a failed task."""
     store = open_storage(output_uri)
-    if store.exists(f"{entry.folder}/{RECORD_FILE}"):  # e.g. a stale chunk run from a crashed batch
+    try:
+        done = store.exists(f"{entry.folder}/{RECORD_FILE}")  # e.g. a stale chunk run from a crashed batch
+    except StorageError:
+        done = False  # the store is failing: the edit finds out for itself, and fails the entry with its reason
+    if done:
         get_run_logger().info("%s: already done", entry.folder)
         return {"entry_id": entry.id, "status": "already_done", "reason": None}
     record = run_entry(editor, entry, store, model=model, settings=settings, holder=holder, stop=stop,
@@ -139,4 +143,4 @@ def worker_overhead(editor: Editor, since: float, *, wall_clock: bool = False) -
 def _row(record: dict) -> dict:
     """What travels back to the parent: small, no tensors, no images."""
     return {"entry_id": record["entry_id"], "status": record["status"],
-            "reason": record.get("error", {}).get("reason")}
+            "reason": record.get("error", {}).get("reason"), "message": record.get("error", {}).get("message")}

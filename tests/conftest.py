@@ -161,3 +161,66 @@ def hostile_http():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+
+
+@pytest.fixture
+def s3_faults(s3_env, s3_endpoint, monkeypatch):
+    """`start(fail=, lose=)`: S3 through a proxy in front of moto that answers a share of requests 500
+    (InternalError, without doing them) and does another share but loses the answer (the connection closes
+    before a byte of it), drawn from a seeded generator; this process's S3 traffic then goes through it.
+    `start()` again changes the shares (0, 0: a clean store)."""
+    import http.client
+    import http.server
+    import random
+
+    shares = {"fail": 0.0, "lose": 0.0}
+    draw, lock = random.Random(20), threading.Lock()
+    target = s3_endpoint.removeprefix("http://")
+
+    class Relay(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def relay(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with lock:
+                roll = draw.random()
+            if roll < shares["fail"]:
+                fault = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                self.send_response(500)
+                self.send_header("Content-Length", str(len(fault)))
+                self.end_headers()
+                self.wfile.write(fault)
+                return
+            upstream = http.client.HTTPConnection(target, timeout=30)
+            upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+            answer = upstream.getresponse()
+            data = answer.read()
+            upstream.close()
+            if roll < shares["fail"] + shares["lose"]:
+                self.close_connection = True  # done, but the client never hears
+                return
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("content-length", "transfer-encoding", "connection", "date", "server"):
+                    self.send_header(name, value)
+            # HEAD: the object's length, as the store said it
+            self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD"
+                             else str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = relay
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+
+    def start(fail: float = 0.0, lose: float = 0.0) -> None:
+        shares.update(fail=fail, lose=lose)
+
+    yield start
+    server.shutdown()

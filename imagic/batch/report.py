@@ -254,7 +254,8 @@ class MetadataLines:
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a damaged line: its entry's next batch writes it again
         kept.sort()
-        return b"".join(line + b"\n" for line in kept)
+        kept.append(b"")  # a newline after the last line too, with no copy of each line to add it
+        return b"\n".join(kept)
 
 
 def update_metadata(store: Storage, rows: Iterable[dict] | MetadataLines) -> None:

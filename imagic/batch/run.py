@@ -55,9 +55,12 @@ def run_entry(editor: Editor, entry: Entry, store: Storage, *, model: str, folde
                               reason="storage_error", attempt=entry.attempt,
                               message=f"could not claim the entry: {redact_text(str(err), entry.image)}")
     if taken is None:
+        try:
+            holding = live_claim(store, folder) or {}
+        except StorageError:
+            holding = {}  # who holds it cannot be read now: it is held all the same
         return in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt, folder=folder,
-                                  input_uri=entry.image, target_text=entry.target_text,
-                                  holder=live_claim(store, folder) or {})
+                                  input_uri=entry.image, target_text=entry.target_text, holder=holding)
     try:
         store.discard_partials(folder)  # writes its earlier holder did not finish: this run holds the folder now
         with Heartbeat(store, folder, holder):  # renewed from a thread, whatever stage the edit is in
@@ -201,11 +204,15 @@ def read_records(entries: list[Entry], store: Storage, holder: str | None = None
     return [json.loads(summary) for summary in read_summaries(entries, store, holder)]
 
 
-def read_summaries(entries: list[Entry], store: Storage, holder: str | None = None) -> list[bytes]:
+def read_summaries(entries: list[Entry], store: Storage, holder: str | None = None,
+                   outcomes: dict[str, dict] | None = None) -> list[bytes]:
     """Each entry's record in its attempt folder, as compact JSON: a finished record's summary
     (`record_summary`: what the report needs, ≈ 1 KB of a 16 KB record), an error record whole. The store, not
     the workers, is the truth. An entry without either that another run (not `holder`) has claimed is
-    `in_progress`; one without either that nobody holds is `not_run`."""
+    `in_progress`; one without either that nobody holds is `not_run` — unless this run's `outcomes` (entry
+    id → {status, reason, message}, as its chunks returned them) say it failed: a store that failed the
+    entry may have refused its error record too. A transient store error is raised (to be retried), never
+    taken for a missing record."""
 
     def read(entry: Entry) -> bytes:
         try:
@@ -213,17 +220,29 @@ def read_summaries(entries: list[Entry], store: Storage, holder: str | None = No
             if holder is not None and record.get("run_id") not in (None, holder):
                 record["status"] = "already_done"  # finished by another run of the batch, not by this one
             return record_summary(record)
-        except (StorageError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # none yet, or unreadable as a record: its error record, if any, says what happened
+        except StorageError as err:
+            if err.transient:
+                raise
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable as a record: its error record, if any, says what happened
         try:
             return _compact(json.loads(store.read_bytes(f"{entry.folder}/{ERROR_FILE}")))
-        except (StorageError, ValueError):
+        except StorageError as err:
+            if err.transient:
+                raise
+        except ValueError:
             pass
         holding = live_claim(store, entry.folder)
         if holding and holding["holder"] != holder:  # another run of the batch is editing it now
             return _compact(in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt,
                                                folder=entry.folder, input_uri=entry.image,
                                                target_text=entry.target_text, holder=holding))
+        known = (outcomes or {}).get(entry.id) or {}
+        if known.get("status") == "failed":
+            return _compact(failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
+                                           target_text=entry.target_text, reason=known["reason"],
+                                           attempt=entry.attempt, message=f"{known['message']} (its error "
+                                           "record could not be written; a re-run of the batch redoes it)"))
         return _compact(failure_record(entry_id=entry.id, line=entry.line, input_uri=entry.image,
                                        target_text=entry.target_text, reason="not_run", attempt=entry.attempt,
                                        message="no record after the batch (worker lost?); a re-run of the batch "

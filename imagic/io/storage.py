@@ -269,7 +269,7 @@ class S3Storage:
 
     def _error(self, action: str, where: str, err: Exception) -> StorageError:
         """The real cause (no bucket, access denied, a 503 after retries), never the credentials."""
-        error = getattr(err, "response", {}).get("Error", {})
+        error = (getattr(err, "response", None) or {}).get("Error", {})  # None on some connection errors
         code = error.get("Code", type(err).__name__)
         detail = f"{code}: {error['Message']}" if error.get("Message") else code
         if code == "NoSuchBucket":

@@ -4,8 +4,13 @@ one carries a clear reason, nothing leaks a credential, and the batch survives t
 
 import json
 import os
+import re
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import QUICK, draw_scene
@@ -106,3 +111,124 @@ def test_one_run_survives_every_kind_of_bad_input(prefect, tmp_path, tiny_dir, h
     written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".html"))
     assert not [s for s in SECRETS if s.encode() in written]
     assert sorted(p.name for p in tmp_path.iterdir() if "escape" in p.name) == []  # no folder outside the output
+
+
+FAULTS = {"lost answers": {"lose": 0.3}, "500s": {"fail": 0.6}}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_s3_faults_end_every_entry_with_its_reason_and_a_clean_rerun_completes_the_rest(
+        prefect, tmp_path, tiny_dir, s3_env, s3_faults, fault):
+    """Inputs and outputs in S3 behind a proxy that loses 30 % of its answers (the request done) or answers
+    60 % with a 500: the run ends with a summary, every entry finished or failed with its reason (none
+    stranded as another run's); a clean re-run right after edits what is left, each entry exactly once."""
+    from flows.bulk_edit import bulk_edit
+    from imagic.batch.outputs import scan
+    from imagic.io.storage import open_storage
+
+    bucket = open_storage(f"s3://{s3_env}")
+    draw_scene().save(tmp_path / "a.png")
+    ids = [f"e{i}" for i in range(4)]
+    for name in ids:
+        bucket.write_bytes(f"in/{name}.png", (tmp_path / "a.png").read_bytes())
+    lines = [{"defaults": {"etas": [1.0], "overrides": QUICK}}]
+    lines += [{"id": name, "image": f"s3://{s3_env}/in/{name}.png", "target_text": "a blue circle"} for name in ids]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = f"s3://{s3_env}/out"
+
+    s3_faults(**FAULTS[fault])
+    state = bulk_edit(str(tmp_path / "m.jsonl"), out, model=str(tiny_dir), max_failure_fraction=1.0,
+                      return_state=True)
+    s3_faults()
+    # The summary accounts for every entry as this run's own (none left "in progress in another run"), and
+    # each is finished in the store or failed, with its reason in its error record or in the report.
+    said = {status: int(count) for count, status in re.findall(r"(\d+) (succeeded|failed)", state.message)}
+    assert sum(said.values()) == len(ids) and "in progress" not in state.message, state.message
+    assert state.is_completed() or state.message.startswith("the batch's report could not be written"), state.message
+    store = open_storage(out)
+    attempts = scan(store.list())
+    assert sum(bool(attempts.get(name) and attempts[name].finished) for name in ids) == said.get("succeeded", 0)
+    for name in ids:
+        if attempts.get(name) and attempts[name].failed:
+            reason = json.loads(store.read_bytes(f"{name}/error.json"))["error"]["reason"]
+            assert reason in ("storage_error", "input_unreadable"), (name, reason)
+
+    state = bulk_edit(str(tmp_path / "m.jsonl"), out, model=str(tiny_dir), return_state=True)
+    assert state.is_completed(), state.message
+    attempts = scan(store.list())
+    assert {name: sorted(attempts[name].finished) for name in ids} == {name: [max(attempts[name].started)]
+                                                                      for name in ids}
+    assert all(len(attempts[name].finished) == 1 for name in ids)
+
+
+KILL_POINTS = {  # where `imagic run` is killed: the first moment a listing of the store shows it
+    "claimed": lambda keys: any(key.startswith("e0/.claims/") for key in keys),  # stage A under way
+    "mid-fine-tune": lambda keys: "e0/.resume.safetensors" in keys,  # a checkpoint of its training saved
+    # S3 (moto over HTTP), where a PUT takes long enough to be caught between the first image and the record
+    "uploading": lambda keys: any(key.endswith(".png") for key in keys) and "e0/record.json" not in keys,
+    "between-entries": lambda keys: "e0/record.json" in keys,
+    "before-report": lambda keys: "e1/record.json" in keys,
+}
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_then_an_immediate_rerun_finishes_every_entry_exactly_once(prefect, tmp_path, tiny_dir, point,
+                                                                          request):
+    import prefect.settings
+    import psutil
+
+    from flows.bulk_edit import bulk_edit
+    from imagic.batch.outputs import scan
+    from imagic.io.storage import open_storage
+
+    draw_scene().save(tmp_path / "a.png")
+    steps = {"embedding_steps": 30, "finetune_steps": 30, "num_inference_steps": 2}
+    lines = [{"defaults": {"etas": [1.0], "overrides": steps}}]
+    lines += [{"id": name, "image": str(tmp_path / "a.png"), "target_text": "a blue circle"} for name in ("e0", "e1")]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = f"s3://{request.getfixturevalue('s3_env')}/out" if point == "uploading" else str(tmp_path / "out")
+    store = open_storage(out)
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
+           "IMAGIC_CHECKPOINT_EVERY_STEPS": "5"}
+    run = subprocess.Popen([sys.executable, "-m", "imagic", "run", str(tmp_path / "m.jsonl"), "-o", out,
+                            "--model", str(tiny_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not KILL_POINTS[point](store.list()):
+        assert run.poll() is None and time.monotonic() < deadline, f"the run ended before {point}"
+        time.sleep(0.02)
+    children = psutil.Process(run.pid).children(recursive=True)
+    run.kill()
+    run.wait()
+    assert KILL_POINTS[point](store.list()), f"killed after {point}"
+    assert not psutil.wait_procs(children, timeout=15)[1]  # nothing it started outlives it
+
+    state = bulk_edit(str(tmp_path / "m.jsonl"), out, model=str(tiny_dir), return_state=True)
+    assert state.is_completed(), state.message
+    assert re.match(r"\d+ succeeded, 0 failed, \d+ skipped$", state.message), state.message
+    attempts = scan(store.list())
+    assert {name: (a.started, a.finished) for name, a in attempts.items()} == {"e0": ({1}, {1}), "e1": ({1}, {1})}
+
+
+def test_two_runs_of_one_batch_at_once_share_its_entries_and_each_counts_its_own(prefect, tmp_path, tiny_dir):
+    """Two `imagic run --wait-held` of one manifest started together: both exit 0, each says what it edited
+    (together every entry, once), none is edited twice."""
+    import prefect.settings
+
+    from imagic.batch.outputs import scan
+    from imagic.io.storage import LocalStorage
+
+    draw_scene().save(tmp_path / "a.png")
+    names = [f"e{i}" for i in range(4)]
+    lines = [{"defaults": {"etas": [1.0], "overrides": QUICK}}]
+    lines += [{"id": name, "image": str(tmp_path / "a.png"), "target_text": "a blue circle"} for name in names]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), "COLUMNS": "200"}
+    runs = [subprocess.Popen([sys.executable, "-m", "imagic", "run", str(tmp_path / "m.jsonl"), "-o",
+                              str(tmp_path / "out"), "--model", str(tiny_dir), "--chunk-size", "1", "--wait-held", "300"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    edited = [int(re.search(r"done: (\d+) succeeded", output).group(1)) for output in outputs]
+    assert sum(edited) == len(names), outputs
+    attempts = scan(LocalStorage(tmp_path / "out").list())
+    assert {name: (a.started, a.finished) for name, a in attempts.items()} == {name: ({1}, {1}) for name in names}
