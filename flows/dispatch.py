@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from flows.retry import DISPATCH_RETRIES, STORAGE_RETRIES
+from flows.zombies import ensure_zombie_automation
 from imagic.batch.manifest import Entry, entries_jsonl
 from imagic.batch.outputs import chunk_slice_key
 from imagic.io.storage import open_storage
@@ -84,6 +85,7 @@ def dispatch_deployments(chunks: list[list[Entry]], output_uri: str, batch_id: s
     """One `edit-chunk` run per chunk on the work pool, at most `max_in_flight` at a time; each chunk's
     entries are written to the store just before its run is submitted."""
     check_deployment(deployment)
+    ensure_zombie_automation()  # a chunk run whose pod dies without a word is ended, and run again below
     parent_run_id = str(prefect.runtime.flow_run.id)  # the holder of every claim the chunk runs take
     in_flight = []
     for entries in chunks:

@@ -15,8 +15,10 @@ def submit_batch(parameters: dict, deployment: str = BULK_EDIT_DEPLOYMENT):
     from prefect.deployments import run_deployment
 
     from flows.dispatch import check_deployment
+    from flows.zombies import ensure_zombie_automation
 
     check_deployment(deployment)
+    ensure_zombie_automation()  # a parent whose pod dies is ended too, and `status --follow` says so
     return run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
 
 

@@ -51,7 +51,7 @@ class LocalCluster:
         self.env = {**os.environ, **(extra_env or {}), "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
                     "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-                    "PREFECT_WORKER_QUERY_SECONDS": "1"}
+                    "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
         self.server: subprocess.Popen | None = None
 
     def __enter__(self) -> LocalCluster:
