@@ -1,5 +1,6 @@
 """Shared fixtures: tiny SD pipelines built in code (seconds, CPU, offline)."""
 
+import json
 import os
 import tempfile
 import threading
@@ -89,6 +90,14 @@ def draw_scene(color=(200, 30, 30), background=(240, 240, 240), size=64):
     image = Image.new("RGB", (size, size), background)
     ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=color)
     return image
+
+
+def jsonl_manifest(path, images: dict[str, str], overrides: dict = QUICK, target_text: str = "a blue circle"):
+    """A JSONL manifest at `path`: entry id → image, each at η 1.0 with `overrides`. Returns `path`."""
+    lines = [{"defaults": {"etas": [1.0], "overrides": overrides}}]
+    lines += [{"id": entry_id, "image": image, "target_text": target_text} for entry_id, image in images.items()]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
 
 
 @pytest.fixture

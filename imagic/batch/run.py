@@ -215,23 +215,17 @@ def read_summaries(entries: list[Entry], store: Storage, holder: str | None = No
     taken for a missing record."""
 
     def read(entry: Entry) -> bytes:
-        try:
-            record = json.loads(store.read_bytes(f"{entry.folder}/{RECORD_FILE}"))
-            if holder is not None and record.get("run_id") not in (None, holder):
-                record["status"] = "already_done"  # finished by another run of the batch, not by this one
-            return record_summary(record)
-        except StorageError as err:
-            if err.transient:
-                raise
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # unreadable as a record: its error record, if any, says what happened
-        try:
-            return _compact(json.loads(store.read_bytes(f"{entry.folder}/{ERROR_FILE}")))
-        except StorageError as err:
-            if err.transient:
-                raise
-        except ValueError:
-            pass
+        record = _stored_json(store, f"{entry.folder}/{RECORD_FILE}")
+        if record is not None:
+            try:
+                if holder is not None and record.get("run_id") not in (None, holder):
+                    record["status"] = "already_done"  # finished by another run of the batch, not by this one
+                return record_summary(record)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass  # unreadable as a record: its error record, if any, says what happened
+        error = _stored_json(store, f"{entry.folder}/{ERROR_FILE}")
+        if error is not None:
+            return _compact(error)
         holding = live_claim(store, entry.folder)
         if holding and holding["holder"] != holder:  # another run of the batch is editing it now
             return _compact(in_progress_record(entry_id=entry.id, line=entry.line, attempt=entry.attempt,
@@ -263,6 +257,19 @@ def held_by_others(entries: list[Entry], store: Storage, holder: str) -> tuple[l
         elif record.get("error", {}).get("reason") == "not_run":
             freed.append(entry)
     return held, freed
+
+
+def _stored_json(store: Storage, key: str):
+    """The object at `key`, parsed; None when there is none or it is not JSON. A transient store error is
+    raised (to be retried), never taken for a missing object."""
+    try:
+        return json.loads(store.read_bytes(key))
+    except StorageError as err:
+        if err.transient:
+            raise
+        return None
+    except ValueError:
+        return None
 
 
 def _compact(record: dict) -> bytes:

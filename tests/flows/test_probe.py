@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import QUICK, draw_scene
+from tests.conftest import QUICK, draw_scene, jsonl_manifest
 
 SECRETS = ("hunter2", "AKIAPROBE", "deadbeefsig")
 
@@ -131,9 +131,7 @@ def test_s3_faults_end_every_entry_with_its_reason_and_a_clean_rerun_completes_t
     ids = [f"e{i}" for i in range(4)]
     for name in ids:
         bucket.write_bytes(f"in/{name}.png", (tmp_path / "a.png").read_bytes())
-    lines = [{"defaults": {"etas": [1.0], "overrides": QUICK}}]
-    lines += [{"id": name, "image": f"s3://{s3_env}/in/{name}.png", "target_text": "a blue circle"} for name in ids]
-    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    jsonl_manifest(tmp_path / "m.jsonl", {name: f"s3://{s3_env}/in/{name}.png" for name in ids})
     out = f"s3://{s3_env}/out"
 
     s3_faults(**FAULTS[fault])
@@ -183,9 +181,7 @@ def test_kill_9_then_an_immediate_rerun_finishes_every_entry_exactly_once(prefec
 
     draw_scene().save(tmp_path / "a.png")
     steps = {"embedding_steps": 30, "finetune_steps": 30, "num_inference_steps": 2}
-    lines = [{"defaults": {"etas": [1.0], "overrides": steps}}]
-    lines += [{"id": name, "image": str(tmp_path / "a.png"), "target_text": "a blue circle"} for name in ("e0", "e1")]
-    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    jsonl_manifest(tmp_path / "m.jsonl", {name: str(tmp_path / "a.png") for name in ("e0", "e1")}, steps)
     out = f"s3://{request.getfixturevalue('s3_env')}/out" if point == "uploading" else str(tmp_path / "out")
     store = open_storage(out)
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(),
@@ -219,9 +215,7 @@ def test_two_runs_of_one_batch_at_once_share_its_entries_and_each_counts_its_own
 
     draw_scene().save(tmp_path / "a.png")
     names = [f"e{i}" for i in range(4)]
-    lines = [{"defaults": {"etas": [1.0], "overrides": QUICK}}]
-    lines += [{"id": name, "image": str(tmp_path / "a.png"), "target_text": "a blue circle"} for name in names]
-    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    jsonl_manifest(tmp_path / "m.jsonl", {name: str(tmp_path / "a.png") for name in names})
     env = {**os.environ, "PREFECT_API_URL": prefect.settings.PREFECT_API_URL.value(), "COLUMNS": "200"}
     runs = [subprocess.Popen([sys.executable, "-m", "imagic", "run", str(tmp_path / "m.jsonl"), "-o",
                               str(tmp_path / "out"), "--model", str(tiny_dir), "--chunk-size", "1", "--wait-held", "300"],
