@@ -303,7 +303,8 @@ def write_report(store: Storage, report: dict, records: Iterable[dict]) -> dict[
     data = report_json(report)
     store.write_bytes(batch_key(report["batch_id"], REPORT_FILE, run), data)
     store.write_bytes(batch_key(report["batch_id"], REPORT_FILE), data)  # the latest, last
-    store.discard_partials(f"{BATCHES}/{report['batch_id']}", older_than_s=STALE_PARTIAL_S)  # killed runs' writes
+    for written in (f"{BATCHES}/{report['batch_id']}", METADATA_FILE):  # what runs killed mid-write left
+        store.discard_partials(written, older_than_s=STALE_PARTIAL_S)
     return where
 
 

@@ -71,8 +71,9 @@ class Storage(Protocol):
 
     def discard_partials(self, prefix: str, *, older_than_s: float = 0.0) -> int:
         """Remove what writes interrupted under `prefix` left (a local store's `.partial` files, never listed,
-        never read); returns how many. Only for a prefix nobody else is writing into now, or with
-        `older_than_s` longer than any write takes. S3 has none: a PUT appears whole or not at all."""
+        never read); returns how many. A prefix naming one object (`metadata.jsonl`) means that object's own
+        partials only. Only for a prefix nobody else is writing into now, or with `older_than_s` longer than
+        any write takes. S3 has none: a PUT appears whole or not at all."""
         ...
 
     def list(self, prefix: str = "") -> list[str]: ...
@@ -169,7 +170,11 @@ class LocalStorage:
 
     def discard_partials(self, prefix: str, *, older_than_s: float = 0.0) -> int:
         base, removed, now = self._path(prefix) if prefix else self.root, 0, time.time()
-        for folder, _, files in os.walk(base):
+        if base.is_file():  # `_write_atomic`'s partials of this one file sit beside it, not below it
+            walked = [(str(base.parent), [], [p.name for p in base.parent.glob(f".{base.name}.*.partial")])]
+        else:
+            walked = os.walk(base)
+        for folder, _, files in walked:
             for name in files:
                 path = os.path.join(folder, name)
                 try:

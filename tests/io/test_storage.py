@@ -136,3 +136,12 @@ def test_partials_of_interrupted_writes_are_discarded_by_age_and_never_listed(st
     assert store.discard_partials("e1", older_than_s=3600) == 1 and not old.exists() and fresh.exists()
     assert store.discard_partials("e1") == 1 and not fresh.exists()
     assert store.read_bytes("e1/record.json") == b"{}"
+
+
+def test_a_key_naming_one_object_discards_only_that_objects_partials(tmp_path):
+    store = LocalStorage(tmp_path / "out")
+    store.write_bytes("metadata.jsonl", b"{}\n")
+    own, other = tmp_path / "out" / ".metadata.jsonl.k1ll3d.partial", tmp_path / "out" / "e1" / ".a.png.x1.partial"
+    other.parent.mkdir()
+    own.write_bytes(b"half"), other.write_bytes(b"half")
+    assert store.discard_partials("metadata.jsonl") == 1 and not own.exists() and other.exists()
