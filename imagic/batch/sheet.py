@@ -7,6 +7,7 @@ import textwrap
 from PIL import Image, ImageDraw, ImageFont
 
 MIN_CELL = 160  # small models draw 32 px images: scale them up so a person can see them
+MAX_CELL = 512  # outputs at a photo's size: a sheet is for looking over, the images themselves are beside it
 LABEL_HEIGHT = 20
 PAD = 8
 SELECTED_COLOUR = (0, 170, 60)
@@ -21,7 +22,7 @@ def contact_sheet(
         title = f"{title}  [needs review: {selection.reason}]" if title else f"[needs review: {selection.reason}]"
     etas = sorted({eta for eta, _ in images})
     seeds = sorted({seed for _, seed in images})
-    cell = max(MIN_CELL, input_image.width)
+    cell = min(max(MIN_CELL, input_image.width), MAX_CELL)
     cell_height = round(cell * input_image.height / input_image.width)  # the input's aspect ratio
     font = ImageFont.load_default()
     title_lines = textwrap.wrap(title, width=max(20, (cell + PAD) * (len(etas) + 1) // 7)) if title else []

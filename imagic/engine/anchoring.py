@@ -7,6 +7,10 @@ options (`EditConfig.render_start`, `attention_injection`):
 - DDIM inversion (Song et al. 2021; Mokady et al. 2023, arXiv 2211.09794): run DDIM backwards from the
   input's latents under the fine-tuned model at e_opt, and render from there. At η = 0 this gives the
   input back; `inversion_strength` < 1 inverts only part of the way (SDEdit-like, more of the input kept).
+- Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2023, arXiv 2304.06140; LEDITS++, arXiv
+  2311.16711): noise maps extracted so that stochastic sampling reproduces the input exactly at η = 0;
+  unlike DDIM inversion each seed draws its own maps, so seeds give different candidates that all hold the
+  input's layout. `inversion_strength` < 1 is its skip: fewer steps re-rendered, less geometry free to move.
 - Self-attention injection (Prompt-to-Prompt, arXiv 2208.01626; Plug-and-Play, arXiv 2211.12572;
   MasaCtrl, arXiv 2304.08465): render an η = 0 *source* branch beside the edits and, for the first part
   of the trajectory, let every edit attend with the source's queries and keys — the source's spatial
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-from imagic.engine.sampling import epsilon_from
+from imagic.engine.sampling import ddpm_step_mean, epsilon_from
 
 
 @torch.no_grad()
@@ -46,6 +50,32 @@ def ddim_invert(predict, latents: torch.Tensor, scheduler: DDIMScheduler, num_st
         x = alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * eps
         trajectory.append(x)
     return trajectory
+
+
+@torch.no_grad()
+def ddpm_invert(predict, latents: torch.Tensor, scheduler: DDIMScheduler, num_steps: int,
+                generators: list[torch.Generator]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., arXiv 2304.06140; LEDITS++): for each
+    generator, noisy latents x_t drawn independently at every one of the last `num_steps` timesteps, and the
+    noise each stochastic (DDPM, eta=1) step would need to go from x_t to the drawn x_{t-1}.
+
+    `predict(x, t)` is the guided prediction under the source condition (here e_opt). Sampling from
+    `start` with those corrections added to each step's mean gives `latents` back exactly under it; under
+    another condition the same noise keeps the input's structure while the text changes what it must.
+    Returns (start (n, C, h, w), corrections per step (n, C, h, w), the drawn chain per step ending at x0).
+    """
+    timesteps = scheduler.timesteps[len(scheduler.timesteps) - num_steps :]
+    alphas = scheduler.alphas_cumprod.to(latents.device)
+    noise = [torch.randn((*latents.shape[1:], num_steps), generator=g) for g in generators]
+    noise = torch.stack(noise).to(latents.device)  # (n, C, h, w, steps): one draw per step, per generator
+    x0 = latents.expand(len(generators), -1, -1, -1)
+    chain = [alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * noise[..., i] for i, t in enumerate(timesteps)]
+    chain.append(x0)
+    corrections = []
+    for i, t in enumerate(timesteps):
+        mean = ddpm_step_mean(scheduler, predict(chain[i], t), t, chain[i])
+        corrections.append(chain[i + 1] - mean)  # σ_t·z_t, and the last step's own error (σ = 0 there)
+    return chain[0], corrections, chain[1:]
 
 
 @torch.no_grad()

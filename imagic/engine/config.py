@@ -28,6 +28,10 @@ class EditConfig(BaseModel):
     max_area: int | None = Field(
         None, ge=64 * 64, le=2048 * 2048, description="Pixels of the fitted input (fit=keep); default the model's native area."
     )
+    output_size: Literal["input", "model"] = Field(
+        "input", description="input: every output at the input's size and aspect (a dataset's boxes and masks "
+        "still fit); model: at the size the model rendered it."
+    )
     # Stage 1: text-embedding optimisation (model frozen).
     embedding_steps: int = Field(500, ge=0, description="Adam steps on e_opt.")
     embedding_lr: float = Field(1e-3, gt=0)
@@ -46,8 +50,9 @@ class EditConfig(BaseModel):
     num_inference_steps: int = Field(50, ge=1)
     render_batch_size: int = Field(8, ge=1, description="(η, seed) images per batched UNet call.")
     # Stage 3 anchoring: what keeps the edit where the input is (imagic/engine/anchoring.py).
-    render_start: Literal["noise", "inversion"] = Field(
-        "noise", description="Start from seed noise (the paper) or from the DDIM inversion of the input."
+    render_start: Literal["noise", "inversion", "ddpm_inversion"] = Field(
+        "noise", description="Start from seed noise (the paper), from the DDIM inversion of the input, or from "
+        "its edit-friendly DDPM inversion (noise maps per seed that give the input back at η=0)."
     )
     inversion_strength: float = Field(
         1.0, gt=0, le=1, description="Share of the trajectory inverted and re-rendered (1: all; less keeps more)."
@@ -103,9 +108,13 @@ class EditConfig(BaseModel):
         if self.finetune_method == "full" and self.lora_alpha is not None:
             raise ValueError("lora_alpha is set but finetune_method is 'full'")
         if self.render_start == "noise" and (self.inversion_strength != 1.0 or self.inversion_noise != 0.0):
-            raise ValueError("inversion_strength and inversion_noise need render_start='inversion'")
+            raise ValueError("inversion_strength and inversion_noise need render_start='inversion' or 'ddpm_inversion'")
+        if self.render_start == "ddpm_inversion" and self.inversion_noise != 0.0:
+            raise ValueError("inversion_noise is for render_start='inversion': with 'ddpm_inversion' each seed draws "
+                             "its own noise maps")
         if self.render_start == "noise" and self.mask_threshold > 0:
-            raise ValueError("mask_threshold needs render_start='inversion' (it keeps the inverted input outside the mask)")
+            raise ValueError("mask_threshold needs an inverted start (render_start='inversion' or 'ddpm_inversion'): "
+                             "it keeps the input's own trajectory outside the mask")
         return self
 
 

@@ -21,16 +21,16 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from imagic.engine.anchoring import SourceAttention, ddim_invert, edit_mask, injected_self_attention
+from imagic.engine.anchoring import SourceAttention, ddim_invert, ddpm_invert, edit_mask, injected_self_attention
 from imagic.engine.cascade import SR_PREFIX, SuperResolution, cascade_memory_needs, split_delta, sr_config
 from imagic.engine.config import SR_OPTIONS, EditConfig
 from imagic.engine.checkpoints import Checkpoints
 from imagic.engine.denoiser import Denoiser, ProgressCallback, tf32
 from imagic.engine.grid import check_grid, check_image_etas, interpolate
-from imagic.engine.images import fit_image
+from imagic.engine.images import fit_image, unfit_image
 from imagic.engine.loading import Cascade, load_pipeline, scheduler_config
 from imagic.engine.result import EditResult
-from imagic.engine.sampling import ddim_step
+from imagic.engine.sampling import ddim_step, ddpm_step_mean
 from imagic.engine.scores import score_outputs
 from imagic.engine.selection import select
 from imagic.engine.stats import StageStats
@@ -91,8 +91,8 @@ class Editor(Denoiser):
         self.use_checkpoints(checkpoints)
         stats = StageStats(self.device)
         generator = torch.Generator().manual_seed(config.seed)  # every training draw comes from here
-        image, input_transform = fit_image(image.convert("RGB"), self.resolution, config.fit, self.size_multiple,
-                                           config.max_area)
+        original = image.convert("RGB")
+        image, input_transform = self.fit(original, config)
 
         with tf32(config.tf32 and self.device.type == "cuda"):  # the fast path: TF32 for what runs in fp32
             try:
@@ -124,11 +124,15 @@ class Editor(Denoiser):
                     images.pop((0.0, seed))
                     scores.pop((0.0, seed))
                 selection = select(scores, reconstruction, config)
+        # 7. The outputs at the input's size (scored above at the model's, where the scores were tuned)
+        if config.output_size == "input":
+            images = {key: unfit_image(output, original, input_transform) for key, output in images.items()}
+        input_transform["output_size"] = list(next(iter(images.values())).size) if images else None
 
         return EditResult(
             target_text=target_text,
             config=config,
-            input_image=image,
+            input_image=original if config.output_size == "input" else image,
             images=images,
             e_tgt=e_tgt.cpu(),
             e_opt=e_opt.cpu(),
@@ -145,6 +149,10 @@ class Editor(Denoiser):
 
     def use_checkpoints(self, checkpoints: Checkpoints | None) -> None:
         self.checkpoints = checkpoints
+
+    def fit(self, image: Image.Image, config: EditConfig) -> tuple[Image.Image, dict]:
+        """The input at the size this model edits it (`fit_image`), and what was done to it."""
+        return fit_image(image, self.resolution, config.fit, self.size_multiple, config.max_area)
 
     def stages(self, config: EditConfig, image: Image.Image) -> list[dict]:
         """What each model of the edit saw and was trained on, for the record (a cascade has two)."""
@@ -168,8 +176,10 @@ class Editor(Denoiser):
                 "this edit kept no weight delta (a full fine-tune with save_full_delta=False); "
                 "re-run it with save_full_delta=True to render it again"
             )
+        # The saved input is at the outputs' size: the input as given (output_size=input), or already fitted.
+        fitted, transform = self.fit(result.input_image, result.config)
         try:
-            latents = self.encode_image(result.input_image, result.config)
+            latents = self.encode_image(fitted, result.config)
             self.apply_delta(result.delta, result.config)
             # The edit's own check image too: batched as the edit batched them, the same η/seed renders (and
             # rounds) exactly alike.
@@ -178,7 +188,10 @@ class Editor(Denoiser):
                 result.e_tgt.to(self.device), result.e_opt.to(self.device), [*etas, *check], seeds, result.config,
                 latents,
             )
-            return {key: image for key, image in images.items() if key[0] not in check}
+            images = {key: image for key, image in images.items() if key[0] not in check}
+            if result.config.output_size == "input":
+                images = {key: unfit_image(image, result.input_image, transform) for key, image in images.items()}
+            return images
         finally:
             self.restore()
 
@@ -319,20 +332,32 @@ class Editor(Denoiser):
         side = self.unet.config.sample_size
         shape = (1, self.unet.config.in_channels, *(latents.shape[-2:] if latents is not None else (side, side)))
         start_noise = {seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds}
+        base_state = None  # full fine-tune with a base unconditional branch: the base weights, on device once
+        if config.unconditional_model == "base" and self.weights.modified and not self.weights.has_lora:
+            base_state = self.weights.base_state()
+        corrections = None  # ddpm_inversion: per seed, what each step adds to its mean
+        if config.render_start != "noise" and latents is None:
+            raise ValueError(f"render_start={config.render_start!r} needs the input's latents")
         if config.render_start == "inversion":
-            if latents is None:
-                raise ValueError("render_start='inversion' needs the input's latents")
             steps = max(1, round(config.inversion_strength * len(timesteps)))
             trajectory = ddim_invert(lambda x, t: self.predict(x, t, e_opt), latents, scheduler, steps)
             timesteps = timesteps[len(timesteps) - steps :]
             mix = config.inversion_noise  # seeds perturb the inverted start, keeping its variance
             start = {seed: (1 - mix**2) ** 0.5 * trajectory[-1].cpu() + mix * noise for seed, noise in start_noise.items()}
+            trajectory = {seed: trajectory[-2::-1] for seed in seeds}  # the input's latent after each step
+        elif config.render_start == "ddpm_inversion":
+            steps = max(1, round(config.inversion_strength * len(timesteps)))
+            n = len(seeds)
+            x0, corrections, chain = ddpm_invert(
+                lambda x, t: self.guided_prediction(x, t, e_opt.expand(n, -1, -1), uncond.expand(n, -1, -1), config,
+                                                    base_state),
+                latents, scheduler, steps, [torch.Generator().manual_seed(int(seed)) for seed in seeds])
+            timesteps = timesteps[len(timesteps) - steps :]
+            start = {seed: x0[j : j + 1].cpu() for j, seed in enumerate(seeds)}
+            corrections = {seed: [c[j : j + 1] for c in corrections] for j, seed in enumerate(seeds)}
+            trajectory = {seed: [x[j : j + 1] for x in chain] for j, seed in enumerate(seeds)}
         else:
             start = {seed: noise * scheduler.init_noise_sigma for seed, noise in start_noise.items()}
-
-        base_state = None  # full fine-tune with a base unconditional branch: the base weights, on device once
-        if config.unconditional_model == "base" and self.weights.modified and not self.weights.has_lora:
-            base_state = self.weights.base_state()
         mask = None
         if config.mask_threshold > 0:
             mask = edit_mask(
@@ -351,10 +376,13 @@ class Editor(Denoiser):
                     injection.active = progress < config.attention_injection
                     step_cond = e_opt.expand(n, -1, -1) if progress < config.anchor_fraction else cond
                     guided = self.guided_prediction(x, t, step_cond, uncond.expand(n, -1, -1), config, base_state)
-                    x = ddim_step(scheduler, guided, t, x)
+                    if corrections is None:
+                        x = ddim_step(scheduler, guided, t, x)
+                    else:  # the stochastic step, with the noise that reproduces the input at e_opt
+                        x = ddpm_step_mean(scheduler, guided, t, x) + torch.cat([corrections[seed][i] for _, seed in chunk])
                     self.deadline.check()
                     if mask is not None:  # outside the edit mask, the input's own trajectory
-                        x = mask * x + (1 - mask) * trajectory[len(timesteps) - i - 1]
+                        x = mask * x + (1 - mask) * torch.cat([trajectory[seed][i] for _, seed in chunk])
                 images.update((key, image) for key, image in zip(chunk, self.samples_to_images(x, chunk, e_tgt, config))
                               if key[0] >= 0)
         return images

@@ -79,23 +79,57 @@ FitMode = Literal["keep", "crop", "pad"]
 
 def fit_image(image: Image.Image, resolution: int, mode: FitMode = "crop", multiple: int = 8,
               max_area: int | None = None) -> tuple[Image.Image, dict]:
-    """The input at the size the model works at, and what was done to it (for the record).
+    """The input at the size the model works at, and what was done to it (for the record, and for
+    `unfit_image` to put the outputs back at the input's size).
 
     `keep`: the input's aspect ratio, scaled to about `max_area` pixels (default `resolution`², the model's
     native area), each side a multiple of `multiple` (the model's factor from pixels to its smallest
     feature map); the few pixels that rounding leaves over are cropped from the centre. `crop`: a centre crop
     to `resolution`² (fills the frame, loses the sides). `pad`: the whole input on a white `resolution`².
+    `box` (left, top, right, bottom): for keep and crop, the region of the input the fitted image shows; for
+    pad, the region of the fitted image the input fills.
     """
     original = image.size
     if mode == "keep":
         area = max_area or resolution * resolution
         scale = (area / (image.width * image.height)) ** 0.5
         size = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in image.size)
-        fitted = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
-    elif mode == "crop":
-        fitted = ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS)
-    elif mode == "pad":
-        fitted = ImageOps.pad(image, (resolution, resolution), method=Image.Resampling.LANCZOS, color=(255, 255, 255))
+    elif mode in ("crop", "pad"):
+        size = (resolution, resolution)
     else:
         raise ValueError(f"fit mode must be 'keep', 'crop' or 'pad', got {mode!r}")
-    return fitted, {"mode": mode, "original_size": list(original), "size": list(fitted.size)}
+    if mode == "pad":
+        fitted = ImageOps.pad(image, size, method=Image.Resampling.LANCZOS, color=(255, 255, 255))
+        inner = ImageOps.contain(image, size).size  # the sizes and offsets `ImageOps.pad` uses
+        left, top = round((size[0] - inner[0]) / 2), round((size[1] - inner[1]) / 2)
+        box = (left, top, left + inner[0], top + inner[1])
+    else:
+        fitted = ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+        box = _centre_box(original, size)
+    return fitted, {"mode": mode, "original_size": list(original), "size": list(fitted.size), "box": list(box)}
+
+
+def unfit_image(output: Image.Image, original: Image.Image, transform: dict) -> Image.Image:
+    """An output at the input's size and aspect: what `fit_image` did, undone. keep / crop: the output
+    scaled onto the region of the input it shows (pixels that region leaves out stay the input's); pad: the
+    region the input filled, scaled back to the input's size."""
+    box = tuple(transform["box"])
+    if transform["mode"] == "pad":
+        return output.crop(box).resize(original.size, Image.Resampling.LANCZOS)
+    if box == (0, 0, *original.size):
+        return output.resize(original.size, Image.Resampling.LANCZOS)
+    restored = original.copy()
+    restored.paste(output.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.LANCZOS), box[:2])
+    return restored
+
+
+def _centre_box(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centre region of `original` with the aspect of `size` (the one `ImageOps.fit` crops), in pixels."""
+    width, height = original
+    if width * size[1] > height * size[0]:  # wider than the fit: the sides go
+        kept = round(height * size[0] / size[1])
+        left = (width - kept) // 2
+        return left, 0, left + kept, height
+    kept = round(width * size[1] / size[0])
+    top = (height - kept) // 2
+    return 0, top, width, top + kept

@@ -34,7 +34,7 @@ def image_name(eta: float, seed: int) -> str:
 class EditResult:
     target_text: str
     config: EditConfig
-    input_image: Image.Image  # the input as the model saw it (fitted: see input_transform)
+    input_image: Image.Image  # the input at the outputs' size: as given (output_size=input), or as fitted
     images: dict[tuple[float, int], Image.Image]  # (η, seed) → image
     e_tgt: torch.Tensor  # (1, L, D)
     e_opt: torch.Tensor  # (1, L, D)

@@ -1,5 +1,5 @@
 """Sampling arithmetic: what a UNet predicts, per the scheduler's `prediction_type` (ε, v or x0) — one owner
-for the conversions that training, inversion and the scores share — and the DDIM step every render takes."""
+for the conversions that training, inversion and the scores share — and the steps renders take."""
 
 from __future__ import annotations
 
@@ -38,3 +38,11 @@ def ddim_step(scheduler: DDIMScheduler, prediction: torch.Tensor, t, x: torch.Te
     schedule's first steps (x0 predicted from almost pure noise) wash every render out to gray."""
     clipped = bool(scheduler.config.thresholding or scheduler.config.clip_sample)
     return scheduler.step(prediction, t, x, use_clipped_model_output=clipped).prev_sample
+
+
+def ddpm_step_mean(scheduler: DDIMScheduler, prediction: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor:
+    """The mean of one stochastic step (DDIM with eta = 1: DDPM's posterior on the same timesteps), without its
+    noise: what edit-friendly inversion measures its noise maps against, and what its renders add them to."""
+    clipped = bool(scheduler.config.thresholding or scheduler.config.clip_sample)
+    return scheduler.step(prediction, t, x, eta=1.0, use_clipped_model_output=clipped,
+                          variance_noise=torch.zeros_like(x)).prev_sample

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from PIL import Image
 
 from imagic.batch.plan import chunk, plan
 from imagic.batch.run import run_entry
@@ -13,6 +14,7 @@ from imagic.batch.outputs import scan
 from imagic.batch.manifest import parse_manifest
 from imagic.engine.identity import model_sha256
 from imagic.batch.report import batch_report, report_html
+from imagic.batch.sheet import LABEL_HEIGHT, MIN_CELL, PAD
 from imagic.io.storage import LocalStorage
 
 from tests.conftest import QUICK, draw_scene
@@ -135,6 +137,25 @@ def test_record_sheet_and_index_carry_the_selection(editor, inputs, tmp_path, ac
         assert not store.exists("good/selected.png")
         assert report["needs_review"] == [{"entry_id": "good", "reason": selection["reason"]}]
         assert "needs review" in html
+
+
+def test_every_output_of_an_entry_is_at_its_inputs_size(editor, tmp_path):
+    """A 2:1 input: each η image, selected.png and the input beside them are 2:1 at its size; the record says
+    the size the model worked at too."""
+    draw_scene().resize((96, 48)).save(tmp_path / "wide.png")
+    rows = [{"defaults": {"etas": [0.8, 1.0], "overrides": {**QUICK, "select_min_edit": -1.0, "select_min_fidelity": -1.0,
+                                                            "select_min_reconstruction": -1.0}}},
+            {"id": "wide", "image": str(tmp_path / "wide.png"), "target_text": "a blue circle"}]
+    [entry] = parse_manifest("\n".join(json.dumps(r) for r in rows), "jsonl")
+    store = LocalStorage(tmp_path / "out")
+    record = run_entry(editor, entry, store, model="tiny")
+    transform = record["input"]["transform"]
+    assert transform["original_size"] == transform["output_size"] == [96, 48] and transform["size"] == [44, 24]
+    for name in ("eta-0.80_seed-0.png", "eta-1.00_seed-0.png", "selected.png", "input.png"):
+        assert Image.open(tmp_path / "out" / "wide" / name).size == (96, 48), name
+    sheet = Image.open(tmp_path / "out" / "wide" / "contact_sheet.png")
+    title, cells = LABEL_HEIGHT + PAD, PAD + MIN_CELL // 2 + LABEL_HEIGHT + PAD  # one row of 2:1 cells
+    assert sheet.size == (PAD + 3 * (MIN_CELL + PAD), title + cells)
 
 
 def test_an_entry_that_raises_fails_alone_and_the_next_runs(editor, inputs, tmp_path, monkeypatch):

@@ -158,8 +158,34 @@ def test_seeds_vary_an_inverted_start_only_through_inversion_noise(editor, embed
     assert not np.array_equal(pixels(noisy[(1.0, 0)]), pixels(noisy[(1.0, 1)]))
 
 
+def test_ddpm_inversion_gives_the_input_back_at_eta_zero_for_every_seed(editor, embeddings, latents, quick_config):
+    """Edit-friendly noise maps: at e_opt (η=0) the stochastic render lands on the input's latents exactly,
+    guidance included; at η=1 each seed's maps make another candidate."""
+    config = quick_config(render_start="ddpm_inversion", num_inference_steps=10)
+    images = editor.render(*embeddings, [0.0, 1.0], [0, 1], config, latents)
+    reference = pixels(editor.decode_latents(latents, config)[0]).astype(int)
+    for seed in (0, 1):
+        assert np.abs(pixels(images[(0.0, seed)]).astype(int) - reference).max() <= 1, seed
+    assert not np.array_equal(pixels(images[(1.0, 0)]), pixels(images[(1.0, 1)]))
+    assert np.abs(pixels(images[(1.0, 0)]).astype(int) - reference).mean() > 1  # the edit is not the input
+    ddim = editor.render(*embeddings, [0.0], [0], quick_config(render_start="inversion", num_inference_steps=10),
+                         latents)  # DDIM inversion's own error, which the noise maps do not have
+    assert np.abs(pixels(ddim[(0.0, 0)]).astype(int) - reference).mean() > 1
+
+
+def test_ddpm_inversion_strength_is_its_skip(editor, embeddings, latents, quick_config):
+    config = quick_config(render_start="ddpm_inversion", num_inference_steps=10)
+    reference = pixels(editor.decode_latents(latents, config)[0]).astype(np.float32)
+    distance = {strength: np.abs(pixels(editor.render(
+        *embeddings, [1.0], [0], config.model_copy(update={"inversion_strength": strength}), latents)[(1.0, 0)])
+        - reference).mean() for strength in (1.0, 0.3)}
+    assert distance[0.3] < distance[1.0]
+    with pytest.raises(ValueError, match="each seed draws its own noise maps"):
+        quick_config(render_start="ddpm_inversion", inversion_noise=0.5)
+
+
 OPTIONS = {
-    "render_start": ["noise", "inversion"],
+    "render_start": ["noise", "inversion", "ddpm_inversion"],
     "anchor_fraction": [0.0, 0.4],
     "attention_injection": [0.0, 0.5],
     "unconditional_model": ["finetuned", "base"],

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 
 from imagic import EditResult, Editor, load_pipeline
 from imagic.engine.sampling import training_target
@@ -211,7 +212,7 @@ def test_result_reports_timings_memory_and_losses(editor, scene, quick_config):
     assert set(result.seconds) == {"encode", "embedding", "finetune", "render", "score"}
     assert all(s > 0 for s in result.seconds.values())
     assert all(b > 10_000_000 for b in result.peak_memory_bytes.values())
-    assert result.input_image.size == (editor.resolution, editor.resolution)
+    assert result.input_transform["size"] == [editor.resolution, editor.resolution]
 
 
 def test_sdxl_optimises_the_pooled_embedding_with_the_sequence(xl_editor, scene, quick_config):
@@ -248,14 +249,40 @@ def test_lora_targets_the_unet_lacks_are_an_error_before_anything_changes(editor
     assert not any("lora_" in k for k in editor.unet.state_dict())
 
 
-@pytest.mark.parametrize("fit, size", [("keep", (44, 24)), ("crop", (32, 32)), ("pad", (32, 32))])
-def test_a_two_to_one_image_keeps_its_aspect(editor, quick_config, fit, size):
+@pytest.mark.parametrize("fit, size, box", [("keep", (44, 24), (2, 0, 61, 32)), ("crop", (32, 32), (16, 0, 48, 32)),
+                                            ("pad", (32, 32), (0, 8, 32, 24))])
+def test_a_two_to_one_image_keeps_its_aspect(editor, quick_config, fit, size, box):
     """The tiny model's native area is 32²; sides are multiples of 4 (VAE ×2, one UNet downsampling)."""
     wide = draw_scene(size=32).resize((64, 32))
-    result = editor.edit(wide, "a blue circle", quick_config("fast", fit=fit), etas=[1.0], seeds=[0, 1])
+    result = editor.edit(wide, "a blue circle", quick_config("fast", fit=fit, output_size="model"), etas=[1.0],
+                         seeds=[0, 1])
     assert result.input_image.size == size and {image.size for image in result.images.values()} == {size}
-    assert result.input_transform == {"mode": fit, "original_size": [64, 32], "size": list(size)}
+    assert result.input_transform == {"mode": fit, "original_size": [64, 32], "size": list(size), "box": list(box),
+                                      "output_size": list(size)}
     assert result.selection is not None  # scored and selected like any other edit
+
+
+@pytest.mark.parametrize("fit", ["keep", "crop", "pad"])
+def test_outputs_come_back_at_the_inputs_size_and_aspect(editor, quick_config, fit):
+    """A 2:1 input gives 2:1 outputs of its own size (the default), the same edit as at the model's size."""
+    wide = draw_scene(size=32).resize((64, 32))
+    config = quick_config("fast", fit=fit)
+    result = editor.edit(wide, "a blue circle", config, etas=[1.0], seeds=[0])
+    at_model = editor.edit(wide, "a blue circle", config.model_copy(update={"output_size": "model"}), etas=[1.0])
+    assert config.output_size == "input" and result.input_image.size == (64, 32)
+    assert {image.size for image in result.images.values()} == {(64, 32)}
+    assert result.input_transform["output_size"] == [64, 32] and result.input_transform["original_size"] == [64, 32]
+    assert result.scores == at_model.scores  # scored where they were tuned: at the model's size
+    left, top, right, bottom = result.input_transform["box"]
+    output, model_output = np.asarray(result.images[(1.0, 0)]), np.asarray(at_model.images[(1.0, 0)])
+    if fit == "crop":  # the sides the model never saw are the input's own pixels
+        assert np.array_equal(output[:, :left], np.asarray(wide)[:, :left]) and left == 16
+    if fit == "pad":  # the white bars the model drew around the input are not in the output
+        model_output = model_output[top:bottom, left:right]
+    else:  # the region of the input the model saw
+        output = output[top:bottom, left:right]
+    shrunk = np.asarray(Image.fromarray(output).resize(model_output.shape[1::-1], Image.Resampling.LANCZOS))
+    assert np.abs(shrunk.astype(int) - model_output).mean() < 8  # the same picture, scaled back
 
 
 def test_losses_are_read_back_every_n_steps_and_kept_per_step(editor, scene, quick_config):
