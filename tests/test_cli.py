@@ -219,7 +219,7 @@ def test_edit_on_a_cascade_uses_the_cascade_presets(input_file, tmp_path):
     record = json.loads((out / "record.json").read_text())
     assert "add_k_proj" in record["config"]["lora_target_modules"]
     assert record["stages"][1]["name"] == "super_resolution" and len(record["losses"]["finetune_sr"]) == 2
-    assert Image.open(out / "eta-1.00_seed-0.png").size == (32, 32)
+    assert Image.open(out / "eta-1.00_seed-0.png").size == (80, 80)  # the input's size
     original = (out / "eta-1.00_seed-0.png").read_bytes()
     (out / "eta-1.00_seed-0.png").unlink()
     # `render` reloads the cascade from the record and both models' weights from the delta: the same image.

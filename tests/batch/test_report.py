@@ -92,7 +92,7 @@ def test_the_outputs_load_as_a_dataset_in_one_line(finished):
     dataset = load_dataset("imagefolder", data_dir=str(store.root), split="train")
     # the outputs that answer the manifest now: a (finished before) and b; not d's (changed) nor c (failed)
     assert len(dataset) == 8 and {"image", "target_text", "eta", "seed", "selected"} <= set(dataset.features)
-    assert dataset[0]["image"].size == (32, 32)
+    assert dataset[0]["image"].size == (64, 64)  # the input's size
 
 
 @pytest.mark.parametrize("kind", ["local", "s3"])

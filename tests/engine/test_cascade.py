@@ -178,7 +178,8 @@ def test_an_if_base_alone_edits_in_pixel_space_with_the_single_model_recipe(casc
     result = base.edit(draw_scene(size=32), "a blue circle", make_config("fast", **{k: v for k, v in FEW.items()
                                                                                    if not k.startswith("sr_")}),
                        etas=[1.0], seeds=[0])
-    assert result.images[(1.0, 0)].size == (16, 16) and result.stages[0]["space"] == "pixel"
+    assert result.input_transform["size"] == [16, 16] and result.stages[0]["space"] == "pixel"
+    assert result.images[(1.0, 0)].size == (32, 32)  # back at the input's size
 
 
 def test_on_a_gpu_too_small_the_edit_is_refused_naming_each_part(cascade_editor, monkeypatch):

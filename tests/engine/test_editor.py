@@ -186,7 +186,7 @@ def test_edit_on_a_v_prediction_model(tmp_path, scene, quick_config):
     editor = Editor(load_pipeline(str(tmp_path)))
     assert editor.noise_scheduler.config.prediction_type == "v_prediction"
     result = editor.edit(scene, "a blue circle", quick_config(), etas=[1.0])
-    assert len(result.losses["finetune"]) == 6 and result.images[(1.0, 0)].size == (32, 32)
+    assert len(result.losses["finetune"]) == 6 and result.images[(1.0, 0)].size == scene.size
 
 
 @pytest.mark.parametrize("option", [{"mixed_precision": "bf16"}, {"mixed_precision": "fp16"}, {"use_8bit_adam": True}])
@@ -333,5 +333,5 @@ def test_a_learned_variance_unet_is_trained_and_rendered_on_its_prediction_only(
     assert learned.predict(x, 10, learned.encode_text("x")).shape == x.shape
     base = unet_state(learned)
     result = learned.edit(scene, "a blue circle", quick_config("community"), etas=[1.0], seeds=[0])
-    assert all(np.isfinite(result.losses["finetune"])) and result.images[(1.0, 0)].size == (32, 32)
+    assert all(np.isfinite(result.losses["finetune"])) and result.images[(1.0, 0)].size == scene.size
     assert all(torch.equal(base[k], v) for k, v in learned.unet.state_dict().items())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagic.engine.images import ImageError, fit_image, load_image
+from imagic.engine.images import ImageError, fit_image, load_image, unfit_image
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -96,7 +96,7 @@ def test_fit_crop_fills_and_pad_keeps_everything():
     wide.paste((0, 0, 255), (0, 0, 20, 100))  # blue strip at the far left
     (cropped, crop), (padded, _) = fit_image(wide, 64, "crop"), fit_image(wide, 64, "pad")
     assert cropped.size == padded.size == (64, 64)
-    assert crop == {"mode": "crop", "original_size": [200, 100], "size": [64, 64]}
+    assert crop == {"mode": "crop", "original_size": [200, 100], "size": [64, 64], "box": [50, 0, 150, 100]}
     assert cropped.getpixel((0, 32)) == (255, 0, 0)  # the strip was cropped away
     assert padded.getpixel((1, 32))[2] > 200  # the strip survives
     assert padded.getpixel((32, 2)) == (255, 255, 255)  # padding
@@ -104,13 +104,29 @@ def test_fit_crop_fills_and_pad_keeps_everything():
         fit_image(wide, 64, "stretch")
 
 
-@pytest.mark.parametrize("size, expected", [((200, 100), (88, 48)), ((100, 200), (48, 88)), ((640, 360), (88, 48)),
-                                            ((64, 64), (64, 64))])
-def test_fit_keep_holds_the_aspect_at_about_the_native_area(size, expected):
+@pytest.mark.parametrize("size, expected, box", [((200, 100), (88, 48), [8, 0, 191, 100]),
+                                                 ((100, 200), (48, 88), [0, 8, 100, 191]),
+                                                 ((640, 360), (88, 48), [0, 5, 640, 354]),
+                                                 ((64, 64), (64, 64), [0, 0, 64, 64])])
+def test_fit_keep_holds_the_aspect_at_about_the_native_area(size, expected, box):
     image = Image.new("RGB", size, "red")
     image.paste((0, 0, 255), (0, 0, size[0] // 10, size[1]))  # a strip at the far left survives
     kept, transform = fit_image(image, 64, "keep", multiple=8)
     assert kept.size == expected and all(side % 8 == 0 for side in kept.size)
     assert abs(kept.width * kept.height - 64 * 64) / (64 * 64) < 0.1
     assert kept.getpixel((0, kept.height // 2))[2] > 200
-    assert transform == {"mode": "keep", "original_size": list(size), "size": list(expected)}
+    assert transform == {"mode": "keep", "original_size": list(size), "size": list(expected), "box": box}
+
+
+@pytest.mark.parametrize("mode", ["keep", "crop", "pad"])
+def test_unfit_puts_an_output_back_at_the_inputs_size_where_the_model_saw_it(mode):
+    """A fitted input sent back through `unfit_image` is the input again, up to two resamplings."""
+    wide = Image.new("RGB", (200, 100), "red")
+    wide.paste((0, 0, 255), (90, 30, 110, 70))  # a blue square in the middle
+    fitted, transform = fit_image(wide, 64, mode, multiple=8)
+    back = unfit_image(fitted, wide, transform)
+    assert back.size == wide.size
+    assert np.abs(np.asarray(back, int) - np.asarray(wide, int)).mean() < 3
+    assert back.getpixel((100, 50))[2] > 200 and back.getpixel((100, 10)) == (255, 0, 0)
+    if mode == "crop":  # the sides the model never saw are the input's own
+        assert np.array_equal(np.asarray(back)[:, :50], np.asarray(wide)[:, :50])
