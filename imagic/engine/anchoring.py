@@ -19,6 +19,8 @@ options (`EditConfig.render_start`, `attention_injection`):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
@@ -76,6 +78,43 @@ def ddpm_invert(predict, latents: torch.Tensor, scheduler: DDIMScheduler, num_st
         mean = ddpm_step_mean(scheduler, predict(chain[i], t), t, chain[i])
         corrections.append(chain[i + 1] - mean)  # σ_t·z_t, and the last step's own error (σ = 0 there)
     return chain[0], corrections, chain[1:]
+
+
+@dataclass
+class RenderStart:
+    """Where each seed's render begins, and what the anchoring needs on the way."""
+
+    timesteps: torch.Tensor  # the steps rendered: the last ones, when only part of the way is inverted
+    latents: dict[int, torch.Tensor]  # seed → start (1, C, h, w)
+    corrections: dict[int, list[torch.Tensor]] | None = None  # ddpm_inversion: what each step adds to its mean
+    trajectory: dict[int, list[torch.Tensor]] | None = None  # the input's own latent after each step
+
+
+def render_start(config, scheduler: DDIMScheduler, shape: tuple, seeds, latents: torch.Tensor | None, predict,
+                 guided) -> RenderStart:
+    """The start of every seed's render, per `config.render_start`. `noise` (the paper): each seed's noise is
+    drawn on the CPU from that seed alone, the same for every η and on every device. `inversion`: the DDIM
+    inversion of `latents` under `predict(x, t)` (the fine-tuned model at e_opt), so seeds only matter
+    through `inversion_noise`. `ddpm_inversion`: per seed, the noise maps that give `latents` back under
+    `guided(x, t)` (the guided prediction at e_opt)."""
+    timesteps = scheduler.timesteps
+    noise = {seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds}
+    if config.render_start == "noise":
+        return RenderStart(timesteps, {seed: n * scheduler.init_noise_sigma for seed, n in noise.items()})
+    if latents is None:
+        raise ValueError(f"render_start={config.render_start!r} needs the input's latents")
+    steps = max(1, round(config.inversion_strength * len(timesteps)))
+    timesteps = timesteps[len(timesteps) - steps :]
+    if config.render_start == "inversion":
+        trajectory = ddim_invert(predict, latents, scheduler, steps)
+        mix = config.inversion_noise  # seeds perturb the inverted start, keeping its variance
+        start = {seed: (1 - mix**2) ** 0.5 * trajectory[-1].cpu() + mix * n for seed, n in noise.items()}
+        return RenderStart(timesteps, start, trajectory={seed: trajectory[-2::-1] for seed in seeds})
+    x, corrections, chain = ddpm_invert(guided, latents, scheduler, steps,
+                                        [torch.Generator().manual_seed(int(seed)) for seed in seeds])
+    return RenderStart(timesteps, {seed: x[j : j + 1].cpu() for j, seed in enumerate(seeds)},
+                       {seed: [c[j : j + 1] for c in corrections] for j, seed in enumerate(seeds)},
+                       {seed: [c[j : j + 1] for c in chain] for j, seed in enumerate(seeds)})
 
 
 @torch.no_grad()

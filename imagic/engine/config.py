@@ -131,12 +131,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         embedding_steps=200, embedding_lr=5e-3, finetune_method="lora", finetune_steps=300, finetune_lr=3e-4,
         lora_rank=8, train_batch_size=4,
     ),
-    # `fast`'s training with LoRA on the convolutions too, rendered from the inversion of the input with the
-    # base model's unconditional branch: edits stay in place (toy benchmark, README).
+    # `fast`'s training with LoRA on the convolutions too, rendered from the edit-friendly DDPM inversion of the
+    # input with the base model's unconditional branch: edits stay in place, and each seed is another candidate
+    # (toy benchmark, 12 held-out cases: coverage 0.42 at precision 1.0, against 0.08 from the DDIM inversion).
     "anchored": dict(
         embedding_steps=200, embedding_lr=5e-3, finetune_method="lora", finetune_steps=300, finetune_lr=3e-4,
         lora_rank=8, train_batch_size=4, lora_target_modules=LORA_ATTENTION + LORA_CONVOLUTION,
-        render_start="inversion", unconditional_model="base", guidance_scale=3.0,
+        render_start="ddpm_inversion", unconditional_model="base", guidance_scale=3.0,
     ),
 }
 # A cascade (base + super-resolution: DeepFloyd IF, the paper's Imagen setting) has its own recipes.

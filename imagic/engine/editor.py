@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from imagic.engine.anchoring import SourceAttention, ddim_invert, ddpm_invert, edit_mask, injected_self_attention
+from imagic.engine.anchoring import SourceAttention, edit_mask, injected_self_attention, render_start
 from imagic.engine.cascade import SR_PREFIX, SuperResolution, cascade_memory_needs, split_delta, sr_config
 from imagic.engine.config import SR_OPTIONS, EditConfig
 from imagic.engine.checkpoints import Checkpoints
@@ -318,46 +318,26 @@ class Editor(Denoiser):
     ) -> dict[tuple[float, int], Image.Image]:
         """Stage C: one image per (η, seed) of ē = η·e_tgt + (1−η)·e_opt, in batched guided DDIM calls.
 
-        `render_start="noise"` (the paper): each seed's start noise is drawn on the CPU from that seed
-        alone, the same for every η and on every device. `"inversion"`: every image starts from the DDIM
-        inversion of the input `latents` (see `imagic.engine.anchoring`), so seeds only matter through
-        `inversion_noise`. The anchoring options act on the denoising steps in the order they run.
+        Where each seed starts is `render_start`'s (see `imagic.engine.anchoring`): seed noise (the paper), the
+        DDIM inversion of the input `latents`, or its edit-friendly DDPM inversion. The anchoring options act
+        on the denoising steps in the order they run.
         """
         # The negative branch of guidance: the empty text (the paper), or e_opt — the input itself, so that
         # guidance pushes only along what the text changes (negative-prompt inversion, arXiv 2305.16807).
         uncond = self.encode_text("") if config.negative_embedding == "empty" else e_opt  # (1, L, D)
         scheduler = DDIMScheduler.from_config(scheduler_config(self.scheduler))
         scheduler.set_timesteps(config.num_inference_steps, device=self.device)
-        timesteps = scheduler.timesteps
         side = self.unet.config.sample_size
         shape = (1, self.unet.config.in_channels, *(latents.shape[-2:] if latents is not None else (side, side)))
-        start_noise = {seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds}
         base_state = None  # full fine-tune with a base unconditional branch: the base weights, on device once
         if config.unconditional_model == "base" and self.weights.modified and not self.weights.has_lora:
             base_state = self.weights.base_state()
-        corrections = None  # ddpm_inversion: per seed, what each step adds to its mean
-        if config.render_start != "noise" and latents is None:
-            raise ValueError(f"render_start={config.render_start!r} needs the input's latents")
-        if config.render_start == "inversion":
-            steps = max(1, round(config.inversion_strength * len(timesteps)))
-            trajectory = ddim_invert(lambda x, t: self.predict(x, t, e_opt), latents, scheduler, steps)
-            timesteps = timesteps[len(timesteps) - steps :]
-            mix = config.inversion_noise  # seeds perturb the inverted start, keeping its variance
-            start = {seed: (1 - mix**2) ** 0.5 * trajectory[-1].cpu() + mix * noise for seed, noise in start_noise.items()}
-            trajectory = {seed: trajectory[-2::-1] for seed in seeds}  # the input's latent after each step
-        elif config.render_start == "ddpm_inversion":
-            steps = max(1, round(config.inversion_strength * len(timesteps)))
-            n = len(seeds)
-            x0, corrections, chain = ddpm_invert(
-                lambda x, t: self.guided_prediction(x, t, e_opt.expand(n, -1, -1), uncond.expand(n, -1, -1), config,
-                                                    base_state),
-                latents, scheduler, steps, [torch.Generator().manual_seed(int(seed)) for seed in seeds])
-            timesteps = timesteps[len(timesteps) - steps :]
-            start = {seed: x0[j : j + 1].cpu() for j, seed in enumerate(seeds)}
-            corrections = {seed: [c[j : j + 1] for c in corrections] for j, seed in enumerate(seeds)}
-            trajectory = {seed: [x[j : j + 1] for x in chain] for j, seed in enumerate(seeds)}
-        else:
-            start = {seed: noise * scheduler.init_noise_sigma for seed, noise in start_noise.items()}
+        start = render_start(
+            config, scheduler, shape, seeds, latents, lambda x, t: self.predict(x, t, e_opt),
+            lambda x, t: self.guided_prediction(x, t, e_opt.expand(len(x), -1, -1), uncond.expand(len(x), -1, -1),
+                                                config, base_state),
+        )
+        timesteps = start.timesteps
         mask = None
         if config.mask_threshold > 0:
             mask = edit_mask(
@@ -370,19 +350,20 @@ class Editor(Denoiser):
                 n = len(chunk)
                 injection.group_size = n
                 cond = torch.cat([interpolate(e_tgt, e_opt, max(eta, 0.0)) for eta, _ in chunk])  # (n, L, D)
-                x = torch.cat([start[seed] for _, seed in chunk]).to(self.device)  # (n, C, h, w)
+                x = torch.cat([start.latents[seed] for _, seed in chunk]).to(self.device)  # (n, C, h, w)
                 for i, t in enumerate(timesteps):
                     progress = i / len(timesteps)
                     injection.active = progress < config.attention_injection
                     step_cond = e_opt.expand(n, -1, -1) if progress < config.anchor_fraction else cond
                     guided = self.guided_prediction(x, t, step_cond, uncond.expand(n, -1, -1), config, base_state)
-                    if corrections is None:
+                    if start.corrections is None:
                         x = ddim_step(scheduler, guided, t, x)
                     else:  # the stochastic step, with the noise that reproduces the input at e_opt
-                        x = ddpm_step_mean(scheduler, guided, t, x) + torch.cat([corrections[seed][i] for _, seed in chunk])
+                        x = ddpm_step_mean(scheduler, guided, t, x) + torch.cat(
+                            [start.corrections[seed][i] for _, seed in chunk])
                     self.deadline.check()
                     if mask is not None:  # outside the edit mask, the input's own trajectory
-                        x = mask * x + (1 - mask) * torch.cat([trajectory[seed][i] for _, seed in chunk])
+                        x = mask * x + (1 - mask) * torch.cat([start.trajectory[seed][i] for _, seed in chunk])
                 images.update((key, image) for key, image in zip(chunk, self.samples_to_images(x, chunk, e_tgt, config))
                               if key[0] >= 0)
         return images
