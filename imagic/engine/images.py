@@ -100,7 +100,7 @@ def fit_image(image: Image.Image, resolution: int, mode: FitMode = "crop", multi
         raise ValueError(f"fit mode must be 'keep', 'crop' or 'pad', got {mode!r}")
     if mode == "pad":
         fitted = ImageOps.pad(image, size, method=Image.Resampling.LANCZOS, color=(255, 255, 255))
-        inner = ImageOps.contain(image, size).size  # the sizes and offsets `ImageOps.pad` uses
+        inner = _contained_size(original, size)
         left, top = round((size[0] - inner[0]) / 2), round((size[1] - inner[1]) / 2)
         box = (left, top, left + inner[0], top + inner[1])
     else:
@@ -121,6 +121,16 @@ def unfit_image(output: Image.Image, original: Image.Image, transform: dict) -> 
     restored = original.copy()
     restored.paste(output.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.LANCZOS), box[:2])
     return restored
+
+
+def _contained_size(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The size `ImageOps.contain` (and so `ImageOps.pad`) scales `original` to inside `size`, without resizing."""
+    width, height = original
+    if width * size[1] > height * size[0]:
+        return size[0], round(height / width * size[0])
+    if width * size[1] < height * size[0]:
+        return round(width / height * size[1]), size[1]
+    return size
 
 
 def _centre_box(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
