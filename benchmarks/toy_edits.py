@@ -85,11 +85,11 @@ def _init_worker(model: str, threads: int) -> None:
     _editor = Editor.from_pretrained(model)
 
 
-def run_case(args: tuple[str, dict, dict, list[float], list[int], str | None]) -> dict:
+def run_case(args: tuple[str, dict, dict, list[float], list[int], str | None, str | None]) -> dict:
     from imagic import EditConfig
     from imagic.toy import Scene, render
 
-    preset, case, config_data, etas, seeds, sheet_dir = args
+    preset, case, config_data, etas, seeds, sheet_dir, image_dir = args
     config = EditConfig(**config_data)
     image = render(Scene(**case["scene"]), np.random.default_rng(case["texture_seed"]))
     started = time.perf_counter()
@@ -100,6 +100,12 @@ def run_case(args: tuple[str, dict, dict, list[float], list[int], str | None]) -
 
         contact_sheet(result.input_image, result.images, title=f"{case['source_text']} -> {case['target_text']}",
                       selection=result.selection).save(Path(sheet_dir) / f"{case['id']}.png")
+    if image_dir:  # every output, to score again offline (benchmarks/rescore.py)
+        folder = Path(image_dir) / case["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        result.input_image.save(folder / "input.png")
+        for (eta, seed), img in result.images.items():
+            img.save(folder / f"{eta}_{seed}.png")
     per_image = [{"eta": eta, "seed": seed, **score(case, img), **result.scores.get((eta, seed), {})}
                  for (eta, seed), img in sorted(result.images.items())]
     selection = result.selection.to_json() if result.selection else None
@@ -163,27 +169,30 @@ def _selected_output(row: dict) -> dict | None:
 
 
 def tune_selection(rows: list[dict], min_precision: float = 0.9) -> dict:
-    """Thresholds of the selection rule that cover the most cases at ≥ `min_precision` "both" (or, if none
-    reaches it, the highest precision), replaying the engine's own `select` on the stored scores."""
+    """Thresholds of the selection rule, absolute or relative to the η=0 render's fidelity, that cover the most
+    cases at ≥ `min_precision` "both" (or, if none reaches it, the highest precision), replaying the engine's
+    own `select` on the stored scores."""
     from imagic import make_config
     from imagic.engine.selection import select
 
     best = None
-    for min_edit in np.round(np.arange(0.0, 0.61, 0.05), 3):
-        for min_fidelity in np.round(np.arange(0.3, 0.96, 0.05), 3):
-            config = make_config(select_min_edit=float(min_edit), select_min_fidelity=float(min_fidelity))
-            hits = []
-            for row in rows:
-                scores = {(o["eta"], o["seed"]): o for o in row["results"] if o["eta"] > 0}
-                chosen = select(scores, row["reconstruction_fidelity"], config)
-                if chosen.verdict == "selected":
-                    hits.append(scores[(chosen.eta, chosen.seed)]["both"])
-            precision = float(np.mean(hits)) if hits else 0.0
-            coverage = len(hits) / len(rows)
-            key = (precision >= min_precision, coverage if precision >= min_precision else precision, precision)
-            if best is None or key > best[0]:
-                best = (key, {"select_min_edit": float(min_edit), "select_min_fidelity": float(min_fidelity),
-                              "precision_both": round(precision, 4), "coverage": round(coverage, 4)})
+    for mode in ("absolute", "relative"):
+        for min_edit in np.round(np.arange(0.0, 0.61, 0.05), 3):
+            for min_fidelity in np.round(np.arange(0.3, 0.96, 0.05), 3):
+                thresholds = {"select_fidelity": mode, "select_min_edit": float(min_edit),
+                              "select_min_fidelity": float(min_fidelity)}
+                config = make_config(**thresholds)
+                hits = []
+                for row in rows:
+                    scores = {(o["eta"], o["seed"]): o for o in row["results"] if o["eta"] > 0}
+                    chosen = select(scores, row["reconstruction_fidelity"], config)
+                    if chosen.verdict == "selected":
+                        hits.append(scores[(chosen.eta, chosen.seed)]["both"])
+                precision = float(np.mean(hits)) if hits else 0.0
+                coverage = len(hits) / len(rows)
+                key = (precision >= min_precision, coverage if precision >= min_precision else precision, precision)
+                if best is None or key > best[0]:
+                    best = (key, {**thresholds, "precision_both": round(precision, 4), "coverage": round(coverage, 4)})
     return best[1]
 
 
@@ -212,9 +221,20 @@ def plot(summaries: dict[str, dict], title: str, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def variant_config(spec: str, family: str, overrides: dict):
+    """`anchored` or `anchored,finetune_steps=100,inversion_strength=0.8`: a preset with its own overrides on
+    top of the run's `--set` ones."""
+    from imagic import make_config
+
+    preset, *pairs = spec.split(",")
+    own = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in pairs)}
+    return make_config(preset, family, **{**overrides, **own})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", action="append", help="repeat to run presets side by side [default: anchored]")
+    parser.add_argument("--preset", action="append", help="PRESET or PRESET,KEY=JSON,... (a variant, labelled as "
+                        "written); repeat to run side by side [default: anchored]")
     parser.add_argument("--split", choices=list(SPLITS), default="tuning")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=JSON (repeatable)")
     parser.add_argument("--model", default="toy")
@@ -224,28 +244,31 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes (each with --threads torch threads)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--sheets", type=int, default=6, help="contact sheets for the first N cases")
+    parser.add_argument("--images", action="store_true", help="save every output under <out>/<name>_<preset>_images")
     parser.add_argument("--tune", action="store_true", help="also search the selection thresholds (tuning split)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", help="output file stem [default: toy_edits_<split>]")
     args = parser.parse_args()
 
-    from imagic import make_config
     from imagic.engine.builtins import model_family
 
     presets = args.preset or ["anchored"]
     overrides = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.set)}
-    configs = {p: make_config(p, model_family(args.model), **overrides) for p in presets}
+    configs = {p: variant_config(p, model_family(args.model), overrides) for p in presets}
     etas = [float(e) for e in args.etas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     name = args.name or f"toy_edits_{args.split}"
     cases = make_cases(args.cases, seed=SPLITS[args.split])
+    args.out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for i, case in enumerate(cases):  # presets interleaved: they share the machine's load alike
         for preset, config in configs.items():
-            sheet_dir = args.out / f"{name}_{preset}_sheets"
-            sheet_dir.mkdir(parents=True, exist_ok=True)
+            stem = args.out / f"{name}_{preset.replace(',', '_').replace('=', '')}"
+            sheet_dir = Path(f"{stem}_sheets")
+            if i < args.sheets:
+                sheet_dir.mkdir(parents=True, exist_ok=True)
             jobs.append((preset, case, config.model_dump(mode="json"), etas, seeds,
-                         str(sheet_dir) if i < args.sheets else None))
+                         str(sheet_dir) if i < args.sheets else None, f"{stem}_images" if args.images else None))
 
     started = time.perf_counter()
     if args.workers > 1:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imagic.batch.outputs import attempt_folder, staged_manifest_key
 from imagic.batch.settings import Settings
-from imagic.engine.builtins import DEFAULT_MODEL, Family, model_family
+from imagic.engine.builtins import DEFAULT_MODEL
 from imagic.engine.config import DEFAULT_PRESET, PRESETS, EditConfig, make_config
 from imagic.engine.grid import DEFAULT_ETAS, DEFAULT_SEEDS, GRID_MESSAGES, Etas, Seeds
 from imagic.io.inputs import DEFAULT_TIMEOUT_S, read_uri
@@ -190,7 +190,7 @@ def validate_manifest(text: str, fmt: Format, *, preset: str | None = None, over
     for line, data in rows:
         raw[line] = data if isinstance(data, dict) else {}
         result = _resolve(line, data, defaults, preset, overrides, default_preset, settings,
-                          model_family(model or defaults.model))
+                          model or defaults.model or DEFAULT_MODEL)
         if isinstance(result, list):
             line_problems[line] = result
         elif result.id in seen:
@@ -279,14 +279,14 @@ def single_entry(image: str, target_text: str, *, etas=None, seeds=None, preset:
     """One entry from command-line arguments, validated by the same rules as a manifest line."""
     data = {"image": image, "target_text": target_text, "preset": preset, "overrides": overrides or {}}
     data.update({k: v for k, v in (("etas", etas), ("seeds", seeds), ("id", entry_id)) if v is not None})
-    result = _resolve(1, data, Defaults(), None, None, preset, settings or Settings.defaults(), model_family(model))
+    result = _resolve(1, data, Defaults(), None, None, preset, settings or Settings.defaults(), model or DEFAULT_MODEL)
     if isinstance(result, list):
         raise ManifestError([problem.removeprefix("line 1: ") for problem in result])
     return result
 
 
 def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_preset,
-             settings: Settings, family: Family = "single") -> Entry | list[str]:
+             settings: Settings, model: str = DEFAULT_MODEL) -> Entry | list[str]:
     """One row → an Entry, or its problems."""
     try:
         spec = EntrySpec(**data)
@@ -297,7 +297,7 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
     chosen_preset = preset or spec.preset or defaults.preset or default_preset
     try:
         merged = {**defaults.overrides, **spec.overrides, **(overrides or {})}
-        config = _shared_config(chosen_preset, family, repr(sorted(merged.items())), merged)
+        config = _shared_config(chosen_preset, model, repr(sorted(merged.items())), merged)
     except ValidationError as err:
         return _messages(err, f"line {line}: overrides")
     except ValueError as err:
@@ -311,14 +311,14 @@ def _resolve(line: int, data, defaults: Defaults, preset, overrides, default_pre
                  preset=chosen_preset, config=config, model=defaults.model)
 
 
-def _shared_config(preset: str, family: Family, key: str, overrides: dict) -> EditConfig:
+def _shared_config(preset: str, model: str, key: str, overrides: dict) -> EditConfig:
     """One frozen EditConfig for every entry that asks the same (`key`: the overrides' repr): a 100k-entry
     manifest of one preset holds one config, not 100k."""
-    cache_key = (preset, family, key)
+    cache_key = (preset, model, key)
     if cache_key not in _CONFIGS:
         if len(_CONFIGS) >= 1024:
             _CONFIGS.clear()
-        _CONFIGS[cache_key] = make_config(preset, family, **overrides)
+        _CONFIGS[cache_key] = make_config(preset, model=model, **overrides)
     return _CONFIGS[cache_key]
 
 

@@ -7,7 +7,7 @@ the CLI lists the names, and the batch layer asks whether the toy oracle can rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +29,9 @@ class BuiltinModel:
     training_script: str | None = None  # `python -m imagic.toy.<script>` rebuilds the shipped weights
     builder: str | None = None
     oracle: bool = False  # drawn from the toy world: `imagic.toy.measure` reads its outputs (toy metrics)
+    # Per preset, the selection thresholds chosen for this model on the toy benchmark's tuning split
+    # (`benchmarks/toy_edits.py --tune`); a preset not named here, and every other model, gets the relative rule.
+    selection: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def folders(self) -> tuple[str, ...]:
@@ -55,6 +58,15 @@ def model_family(model: str | None) -> Family:
     if CASCADE_SEPARATOR in model:
         return "cascade"
     return BUILTIN_MODELS[model].family if model in BUILTIN_MODELS else "single"
+
+
+def tuned_selection(model: str | None, preset: str) -> dict:
+    """The selection thresholds tuned for `preset` on this built-in model, or, for any other model and preset,
+    the relative rule: no tuning split exists for it, so fidelity is judged against its own η=0 render."""
+    builtin = BUILTIN_MODELS.get(model or DEFAULT_MODEL)
+    if builtin is not None and preset in builtin.selection:
+        return dict(builtin.selection[preset])
+    return {"select_fidelity": "relative"}
 
 
 def has_oracle(model: str) -> bool:

@@ -74,6 +74,10 @@ class Denoiser:
             if config.unconditional_model == "finetuned":
                 both = self.predict(torch.cat([x, x]), t, torch.cat([uncond, cond]))
                 uncond_pred, cond_pred = both.float().chunk(2)
+            elif self.weights.has_lora:  # one call still: the unconditional half runs with LoRA off
+                with self.weights.lora_off_for_first(len(x)):
+                    both = self.predict(torch.cat([x, x]), t, torch.cat([uncond, cond]))
+                uncond_pred, cond_pred = both.float().chunk(2)
             else:
                 cond_pred = self.predict(x, t, cond).float()
                 uncond_pred = self.base_prediction(x, t, uncond, base_state).float()

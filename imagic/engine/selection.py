@@ -1,9 +1,11 @@
 """One output per edit, chosen from its scores — or an honest `needs_review` with the reason.
 
-The rule (its thresholds live in `EditConfig`, chosen on the toy benchmark's tuning split):
+The rule (its thresholds live in `EditConfig`; a built-in model's are chosen on the toy benchmark's tuning
+split and stored with it, imagic/engine/builtins.py):
 1. the η = 0 render must give the input back (fidelity ≥ `select_min_reconstruction`), otherwise no
    output can be trusted to keep the input;
-2. candidates are the outputs with edit ≥ `select_min_edit` and fidelity ≥ `select_min_fidelity`;
+2. candidates are the outputs with edit ≥ `select_min_edit` and fidelity ≥ `select_min_fidelity` (with
+   `select_fidelity="relative"`, fidelity divided by the η = 0 render's: for models with no tuned thresholds);
 3. of those, the one with the highest edit + fidelity; ties go to the smaller η, then the smaller seed.
 """
 
@@ -39,11 +41,14 @@ def select(scores: dict[tuple[float, int], dict], reconstruction_fidelity: float
         best = max(s["edit"] for s in scores.values())
         return Selection("needs_review", reason=(
             f"no output edits enough (best edit score {best:.3f} < {config.select_min_edit})"))
-    kept = {k: s for k, s in edits.items() if s["fidelity"] >= config.select_min_fidelity}
+    relative = config.select_fidelity == "relative" and (reconstruction_fidelity or 0.0) > 0
+    reference = reconstruction_fidelity if relative else 1.0
+    kept = {k: s for k, s in edits.items() if s["fidelity"] / reference >= config.select_min_fidelity}
     if not kept:
-        best = max(s["fidelity"] for s in edits.values())
+        best = max(s["fidelity"] for s in edits.values()) / reference
+        measure = "fidelity among edits, relative to η=0's," if relative else "fidelity among edits"
         return Selection("needs_review", reason=(
-            f"no output edits enough without losing the input (best fidelity among edits {best:.3f} < "
+            f"no output edits enough without losing the input (best {measure} {best:.3f} < "
             f"{config.select_min_fidelity})"))
     (eta, seed), _ = min(kept.items(), key=lambda kv: (-(kv[1]["edit"] + kv[1]["fidelity"]), kv[0][0], kv[0][1]))
     return Selection("selected", eta=eta, seed=seed)

@@ -8,6 +8,9 @@ behind (half-added adapters, trained weights): `recover` puts the UNet back exac
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from imagic.engine.config import EditConfig
@@ -24,6 +27,24 @@ class UNetWeights:
     @property
     def has_lora(self) -> bool:
         return bool(getattr(self.unet, "peft_config", None))
+
+    @contextlib.contextmanager
+    def lora_off_for_first(self, n: int) -> Iterator[None]:
+        """While open, the first `n` samples of every UNet call run without LoRA (the base model) and the rest
+        with it: peft's mixed-batch forward, so guidance's base and fine-tuned branches share one call."""
+        from peft.tuners.lora import LoraLayer
+
+        def hook(module, args, kwargs):
+            rest = len(args[0]) - n
+            return args, {**kwargs, "adapter_names": ["__base__"] * n + [LORA_ADAPTER] * rest}
+
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.unet.modules()
+                   if isinstance(m, LoraLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def base_state(self) -> dict[str, torch.Tensor]:
         """The base weights. Taken once, on first need, before any edit touches them: a copy the UNet's

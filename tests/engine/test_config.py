@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from imagic.engine.config import PRESETS, EditConfig, make_config
+from imagic.engine.config import IF_ATTENTION, PRESETS, EditConfig, make_config
 
 
 def test_paper_preset_is_the_papers_recipe():
@@ -48,3 +48,19 @@ def test_unknown_preset():
 def test_config_round_trips_through_json():
     config = make_config("fast", lora_rank=4)
     assert EditConfig(**config.model_dump(mode="json")) == config
+
+
+def test_a_built_in_model_brings_its_tuned_selection_and_any_other_model_the_relative_rule(monkeypatch):
+    from imagic.engine import builtins
+
+    toy = builtins.BUILTIN_MODELS["toy"]
+    tuned = {"select_min_edit": 0.35, "select_min_fidelity": 0.8}
+    monkeypatch.setitem(builtins.BUILTIN_MODELS, "toy", toy.__class__(**{**toy.__dict__, "selection": {"fast": tuned}}))
+    fast = make_config("fast", model="toy")
+    assert (fast.select_fidelity, fast.select_min_edit, fast.select_min_fidelity) == ("absolute", 0.35, 0.8)
+    assert make_config("fast", model="toy", select_min_edit=0.5).select_min_edit == 0.5  # overrides win
+    assert make_config("paper", model="toy").select_fidelity == "relative"  # no tuning for this preset
+    checkpoint = make_config("fast", model="/models/sd15")
+    assert checkpoint.select_fidelity == "relative" and checkpoint.select_min_edit == EditConfig().select_min_edit
+    assert make_config("fast", model="base+super_resolution").lora_target_modules == IF_ATTENTION  # the cascade table
+    assert make_config("fast").select_fidelity == "absolute"  # no model named: the preset's alone

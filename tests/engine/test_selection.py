@@ -43,3 +43,14 @@ def test_thresholds_come_from_the_config():
     outputs = scores(e_1_0=(0.3, 0.7))
     assert select(outputs, 0.9, CONFIG).verdict == "selected"
     assert select(outputs, 0.9, make_config(select_min_fidelity=0.75)).verdict == "needs_review"
+
+
+def test_relative_fidelity_judges_outputs_against_the_eta_zero_render():
+    # Every output loses what η=0 loses (the VAE, the inversion): 0.72 of a 0.8 reconstruction is 0.9 of it.
+    outputs = scores(e_1_0=(0.3, 0.72))
+    absolute = make_config(select_min_edit=0.1, select_min_fidelity=0.85, select_min_reconstruction=0.5)
+    relative = absolute.model_copy(update={"select_fidelity": "relative"})
+    assert select(outputs, 0.8, absolute).verdict == "needs_review"
+    assert (select(outputs, 0.8, relative).verdict, select(outputs, 0.8, relative).eta) == ("selected", 1.0)
+    low = select(scores(e_1_0=(0.3, 0.6)), 0.8, relative)
+    assert low.verdict == "needs_review" and "relative to η=0's" in low.reason and "0.750" in low.reason

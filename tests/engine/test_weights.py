@@ -60,3 +60,28 @@ def test_a_full_fine_tune_holds_weights_gradients_snapshot_and_adam(editor, quic
     n = sum(p.numel() for p in editor.unet.parameters())
     assert finetune_bytes(editor.unet, quick_config("paper")) == n * 20
     assert finetune_bytes(editor.unet, quick_config("paper", use_8bit_adam=True)) == n * 14
+
+
+@pytest.mark.parametrize("targets", ["attention", "attention+convolution"])
+def test_guidance_from_the_base_model_in_one_call_equals_two_calls(editor, quick_config, targets):
+    from imagic.engine.config import LORA_ATTENTION, LORA_CONVOLUTION
+
+    modules = LORA_ATTENTION + (LORA_CONVOLUTION if "convolution" in targets else ())
+    config = quick_config("fast", lora_rank=2, lora_target_modules=modules, unconditional_model="base",
+                          guidance_scale=3.0)
+    params = editor.weights.trainable(config)
+    try:
+        with torch.no_grad():
+            for p in params:  # LoRA's B starts at 0: make the fine-tuned model differ from the base
+                p.normal_(0.0, 0.2)
+        x = torch.randn((3, editor.unet.config.in_channels, 8, 8), generator=torch.Generator().manual_seed(0))
+        t = torch.tensor(500)
+        width = editor.unet.config.cross_attention_dim
+        cond, uncond = torch.randn((3, 77, width)), torch.randn((1, 77, width)).expand(3, -1, -1)
+        with torch.no_grad():
+            one_call = editor.guided_prediction(x, t, cond, uncond, config)
+            finetuned, base = editor.predict(x, t, cond), editor.base_prediction(x, t, uncond, None)
+            assert not torch.allclose(finetuned, editor.base_prediction(x, t, cond, None), atol=1e-3)  # LoRA acts
+        torch.testing.assert_close(one_call, base + 3.0 * (finetuned - base), atol=1e-5, rtol=1e-4)
+    finally:
+        editor.weights.restore()
