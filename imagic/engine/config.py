@@ -75,6 +75,10 @@ class EditConfig(BaseModel):
     )
     # Scores and the automatic choice (imagic/engine/scores.py, selection.py).
     score_outputs: bool = Field(True, description="Score every output (edit, fidelity) and select one.")
+    fidelity: Literal["edges", "edges_coarse", "edges_multiscale", "silhouette", "silhouette_and_edges"] = Field(
+        "edges", description="The fidelity score (imagic/engine/scores.py): edge maps' correlation at one blur or "
+        "three; the subject's silhouette against the image border; or silhouette and edges averaged."
+    )
     clip_model: str | None = Field(None, description="CLIP hub id or directory: adds clip scores (optional).")
     select_min_edit: float = Field(0.55, description="Least edit score a selected output has.")
     select_min_fidelity: float = Field(0.9, description="Least fidelity score a selected output has.")

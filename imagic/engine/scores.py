@@ -55,12 +55,12 @@ def text_margins(editor, latents: torch.Tensor, e_tgt: torch.Tensor, e_opt: torc
     return (errors["opt"] - errors["tgt"]) / (errors["opt"] + errors["tgt"])
 
 
-def edge_map(image: Image.Image, size: int) -> np.ndarray:
-    """Gradient magnitude (largest over RGB), blurred by about 1/32 of the side, at `size`²."""
+def edge_map(image: Image.Image, size: int, blur: float = 1 / 32) -> np.ndarray:
+    """Gradient magnitude (largest over RGB), blurred by `blur` of the side, at `size`²."""
     pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255.0
     gy, gx = np.gradient(pixels, axis=(0, 1))
     magnitude = np.sqrt(gx**2 + gy**2).max(axis=-1)
-    return _blur(magnitude, sigma=max(1.0, size / 32))
+    return _blur(magnitude, sigma=max(1.0, size * blur))
 
 
 def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
@@ -73,12 +73,45 @@ def _blur(array: np.ndarray, sigma: float) -> np.ndarray:
     return np.apply_along_axis(np.convolve, 0, rows, kernel, mode="valid")
 
 
-def structure_similarity(a: Image.Image, b: Image.Image, size: int = 64) -> float:
-    """Pearson correlation of two images' edge maps; 1 when edges sit in the same places."""
-    x, y = edge_map(a, size).ravel(), edge_map(b, size).ravel()
-    x, y = x - x.mean(), y - y.mean()
+def _correlation(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x.ravel() - x.mean(), y.ravel() - y.mean()
     denominator = float(np.sqrt((x * x).sum() * (y * y).sum()))
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
+
+
+def structure_similarity(a: Image.Image, b: Image.Image, size: int = 64, blur: float = 1 / 32) -> float:
+    """Pearson correlation of two images' edge maps; 1 when edges sit in the same places."""
+    return _correlation(edge_map(a, size, blur), edge_map(b, size, blur))
+
+
+def multiscale_structure_similarity(a: Image.Image, b: Image.Image, size: int = 64) -> float:
+    """The edge-map correlation at three blurs (1/32, 1/16, 1/8 of the side), averaged: the coarse scales
+    forgive a new outline in the same place (a shape edit), every scale sees a move."""
+    return float(np.mean([structure_similarity(a, b, size, blur) for blur in (1 / 32, 1 / 16, 1 / 8)]))
+
+
+def silhouette(image: Image.Image, size: int) -> np.ndarray:
+    """How far each pixel's colour is from the image's border (its median): the subject against its
+    surroundings, whatever colour either has. Blurred by 1/32 of the side, at `size`²."""
+    pixels = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255.0
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    distance = np.sqrt(((pixels - np.median(border, axis=0)) ** 2).sum(axis=-1))
+    return _blur(distance, sigma=max(1.0, size / 32))
+
+
+def silhouette_similarity(a: Image.Image, b: Image.Image, size: int = 64) -> float:
+    """Pearson correlation of the two images' silhouettes: the subject kept where and as large as it was,
+    while its colour, its outline's details and the background's colour may change."""
+    return _correlation(silhouette(a, size), silhouette(b, size))
+
+
+FIDELITY_MEASURES = {
+    "edges": structure_similarity,
+    "edges_coarse": functools.partial(structure_similarity, blur=1 / 8),
+    "edges_multiscale": multiscale_structure_similarity,
+    "silhouette": silhouette_similarity,
+    "silhouette_and_edges": lambda a, b: 0.5 * (silhouette_similarity(a, b) + structure_similarity(a, b)),
+}
 
 
 def score_outputs(editor, input_image, images: dict, e_tgt, e_opt, config,
@@ -91,7 +124,7 @@ def score_outputs(editor, input_image, images: dict, e_tgt, e_opt, config,
     scores = {
         key: {
             "edit": round(float(margins[i + 1] - margins[0]), 6),
-            "fidelity": round(structure_similarity(input_image, images[key]), 5),
+            "fidelity": round(FIDELITY_MEASURES[config.fidelity](input_image, images[key]), 5),
         }
         for i, key in enumerate(keys)
     }

@@ -3,7 +3,8 @@
 import numpy as np
 from PIL import Image, ImageChops
 
-from imagic.engine.scores import score_outputs, structure_similarity, text_margins
+from imagic.engine.scores import (FIDELITY_MEASURES, score_outputs, silhouette_similarity, structure_similarity,
+                                  text_margins)
 
 from tests.conftest import draw_scene
 
@@ -17,6 +18,18 @@ def test_structure_similarity_keeps_colour_changes_and_punishes_moves():
     assert structure_similarity(red, moved) < 0.5
     flat = Image.new("RGB", (64, 64), (128, 128, 128))
     assert structure_similarity(red, flat) == 0.0
+
+
+def test_silhouette_forgives_new_colours_and_outlines_in_place_and_punishes_moves_and_shrinking():
+    red = draw_scene((200, 30, 30), size=64)
+    other = Image.new("RGB", (64, 64), (20, 20, 20))  # new background, new colour, a square where the circle was
+    other.paste((30, 200, 30), (16, 16, 48, 48))
+    assert silhouette_similarity(red, other) > 0.8 > structure_similarity(red, other)
+    assert silhouette_similarity(red, ImageChops.offset(red, 14, 9)) < 0.5
+    smaller = Image.new("RGB", (64, 64), (240, 240, 240))
+    smaller.paste(red.resize((40, 40)), (12, 12))
+    assert silhouette_similarity(red, smaller) < silhouette_similarity(red, red) - 0.05
+    assert all(abs(measure(red, red) - 1.0) < 1e-6 for measure in FIDELITY_MEASURES.values())
 
 
 def test_scores_are_deterministic_for_a_seed(editor, scene, quick_config):
@@ -80,3 +93,11 @@ def test_optional_clip_scores_with_a_tiny_clip_built_in_code(editor, scene, quic
     assert scores[(0.5, 0)]["clip_input"] > 0.999  # the input compared with itself
     assert scores[(1.0, 0)]["clip"] != scores[(0.5, 0)]["clip"]
     assert "clip" not in score_outputs(editor, scene, images, e, e, quick_config(), "a blue circle")[(1.0, 0)]
+
+
+def test_every_fidelity_the_config_names_is_a_measure():
+    from typing import get_args
+
+    from imagic.engine.config import EditConfig
+
+    assert set(get_args(EditConfig.model_fields["fidelity"].annotation)) == set(FIDELITY_MEASURES)
