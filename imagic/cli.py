@@ -70,8 +70,8 @@ def edit(
     seed: SeedOption = None,
     preset: Annotated[Preset, typer.Option(help="Named set of config defaults.")] = DEFAULT_PRESET,
     model: Annotated[str, typer.Option(
-        help=f"Hub id, local diffusers directory, s3:// prefix, or {' / '.join(BUILTIN_MODELS)}; a cascade is "
-             "base+super_resolution.")] = DEFAULT_MODEL,
+        help=f"Hub id (pinned: org/name@revision), local diffusers directory, s3:// prefix, or "
+             f"{' / '.join(BUILTIN_MODELS)}; a cascade is base+super_resolution.")] = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/edit"),
     device: DeviceOption = "auto",
     set_: SetOption = None,

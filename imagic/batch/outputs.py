@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import PurePosixPath
 
+from imagic.engine.identity import model_revision
 from imagic.engine.result import ARTIFACTS, SELECTED_FILE, EditResult, image_name
 from imagic.io.redaction import redact_uri, uri_identity
 
@@ -169,6 +170,7 @@ def edit_record(result: EditResult, *, entry_id: str, attempt: int, manifest_lin
                   "fingerprint": input_fingerprint, "transform": result.input_transform},
         "target_text": result.target_text,
         "model": model,
+        "model_revision": model_revision(model),
         "model_sha256": model_sha256,
         "preset": preset,
         "stages": result.stages,

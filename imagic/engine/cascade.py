@@ -44,6 +44,20 @@ class SuperResolution(Denoiser):
         self.noise_level = 0
         self.scale = 1  # output size / condition size; the cascade sets it
 
+    def training_shape(self) -> tuple[int, int, int]:
+        """The SR model denoises the image (3 channels); its UNet also takes the condition's."""
+        side = self.unet.config.sample_size
+        return 3, side, side
+
+    def _trace_activation_bytes(self, config, embedding) -> int:
+        if self.low_res is not None:
+            return super()._trace_activation_bytes(config, embedding)
+        self.low_res = torch.zeros(1, *self.training_shape(), device=self.device)  # shapes are all the trace needs
+        try:
+            return super()._trace_activation_bytes(config, embedding)
+        finally:
+            self.low_res = None
+
     def condition_on(self, low_res: torch.Tensor, size: tuple[int, int], noise_level: int) -> None:
         # As IFSuperResolutionPipeline does: bilinear (corners aligned) to the output size, then noised.
         self.low_res = F.interpolate(low_res, size, mode="bilinear", align_corners=True)
@@ -109,14 +123,19 @@ def split_delta(delta: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 
 
 def cascade_memory_needs(base: dict[str, int], sr: dict[str, int], config: EditConfig) -> dict[str, int]:
-    """The peak of the two fine-tunes: the base training with the SR model's weights resident, or the
-    SR model training with the base's weights and its snapshot resident (optimiser state is freed)."""
-    base_kept = 2 * base["unet weights"] if config.finetune_method == "full" else base["unet weights"]
+    """The peak of the two fine-tunes: the base training with the SR model's weights resident, or the SR
+    model training with the base's weights (and, for a full fine-tune, its fp32 snapshot) resident; the
+    other stage's optimiser state, draws and activations are freed by then."""
+    base_kept = base["unet weights"] + (4 * base["unet weights"] // base_itemsize(config) if config.finetune_method == "full"
+                                        else 0)
     during_base = {**base, "super-resolution unet weights": sr["unet weights"]}
-    during_sr = {**base, "unet training": 0, "unet weights": base_kept,
-                 "super-resolution unet weights": sr["unet weights"],
-                 "super-resolution unet training": sr["unet training"]}
+    during_sr = {"unet weights": base_kept, "frozen models": base.get("frozen models", 0),
+                 **{f"super-resolution {name}": size for name, size in sr.items()}}
     return max(during_base, during_sr, key=lambda needs: sum(needs.values()))
+
+
+def base_itemsize(config: EditConfig) -> int:
+    return 4  # a full fine-tune's weights and snapshot are fp32
 
 
 def _batch(tensor: torch.Tensor, n: int) -> torch.Tensor:

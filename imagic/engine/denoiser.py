@@ -18,8 +18,7 @@ from diffusers import DDPMScheduler
 from imagic.engine.config import EditConfig
 from imagic.engine.loading import scheduler_config
 from imagic.engine.sampling import training_target
-from imagic.engine.tensors import weight_bytes
-from imagic.engine.weights import UNetWeights, finetune_bytes
+from imagic.engine.weights import UNetWeights, lora_parameter_count
 
 if TYPE_CHECKING:
     from imagic.engine.checkpoints import Checkpoints
@@ -52,6 +51,7 @@ class Denoiser:
         self.weights = UNetWeights(unet)
         self.deadline = deadline or Deadline()
         self.checkpoints: Checkpoints | None = None  # set for one edit: where its training stands
+        self._activation_bytes: dict[tuple, int] = {}
 
     # ------------------------------------------------------------------ predictions
 
@@ -67,6 +67,12 @@ class Denoiser:
             # DDIM use the prediction only, as diffusers' own IF fine-tuning scripts do.
             output = output[:, : x.shape[1]]
         return output
+
+    def predict_in(self, config: EditConfig, x: torch.Tensor, t, embedding: torch.Tensor) -> torch.Tensor:
+        """`predict` in the edit's compute precision, as fp32 (for the loops that train nothing: inversion,
+        masks, scores)."""
+        with self.autocast(config):
+            return self.predict(x, t, embedding).float()
 
     def guided_prediction(self, x, t, cond, uncond, config: EditConfig, base_state=None) -> torch.Tensor:
         """Classifier-free guidance; the unconditional branch from the fine-tuned or the base UNet."""
@@ -204,12 +210,89 @@ class Denoiser:
             raise ValueError(f"lora_target_modules {missing} name no module of this UNet "
                              f"(e.g. {', '.join(LORA_TARGET_EXAMPLES)})")
 
-    def unet_memory_needs(self, config: EditConfig) -> dict[str, int]:
-        """Bytes the UNet holds besides activations: its fp32 weights, and for a full fine-tune its
-        gradients, base snapshot and Adam's two moments (fp32, or 1 byte each with 8-bit Adam)."""
-        weights = weight_bytes(self.unet)
-        training = finetune_bytes(self.unet, config) - weights if config.finetune_method == "full" else 0
-        return {"unet weights": weights, "unet training": training}
+    def unet_memory_needs(self, config: EditConfig, embedding: torch.Tensor) -> dict[str, int]:
+        """Bytes this UNet's training holds on the device, by part (`embedding`: one like the edit's, for the
+        activation count):
+        - weights, at `frozen_dtype`;
+        - training: per trained parameter (every one, or LoRA's) fp32 gradients, Adam's two moments (8-bit: 1
+          byte each), autocast's compute-dtype copy, and the fp32 weight itself (LoRA) or the fp32 snapshot of
+          the base (full);
+        - every step's noise and timesteps, drawn up front (`training_draws`), for the longer stage;
+        - activations: what one training step keeps for its backward pass (`activation_bytes`)."""
+        params = sum(p.numel() for p in self.unet.parameters())
+        trained = params if config.finetune_method == "full" else lora_parameter_count(self.unet, config)
+        cast_copy = self.compute_dtype(config).itemsize if self.precision(config) != "no" else 0
+        per_trained = 4 + 4 + (2 if config.use_8bit_adam else 8) + cast_copy
+        steps, (channels, *side) = max(config.embedding_steps, config.finetune_steps), self.draw_shape()
+        noise = steps * config.train_batch_size * (channels * side[0] * side[1] * 4 + 8)
+        return {"unet weights": params * self.frozen_dtype(config).itemsize, "unet training": trained * per_trained,
+                "training noise": round(noise * self.area_ratio(config)),
+                "activations": round(self.activation_bytes(config, embedding) * self.area_ratio(config))}
+
+    def draw_shape(self) -> tuple[int, int, int]:
+        """The shape of one training draw's noise (C, h, w) at the model's native size."""
+        side = self.unet.config.sample_size
+        return self.unet.config.in_channels, side, side
+
+    def area_ratio(self, config: EditConfig) -> float:
+        """The edit's pixels over the model's native pixels (`max_area`; what activations scale with)."""
+        native = getattr(self, "resolution", self.unet.config.sample_size) ** 2
+        return config.max_area / native if config.max_area else 1.0
+
+    def activation_bytes(self, config: EditConfig, embedding: torch.Tensor) -> int:
+        """Bytes one training step saves for its backward pass at the native size: counted, not run, by
+        tracing the real loss on fake tensors (shapes only, the device's own attention kernels), once per
+        batch size and precision."""
+        key = (config.train_batch_size, self.precision(config), config.gradient_checkpointing)
+        if key not in self._activation_bytes:
+            self._activation_bytes[key] = self._trace_activation_bytes(config, embedding)
+        return self._activation_bytes[key]
+
+    def _trace_activation_bytes(self, config: EditConfig, embedding: torch.Tensor) -> int:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        parameters = {id(p) for p in self.unet.parameters()}
+        saved: dict[int, int] = {}
+
+        def pack(tensor):
+            base = tensor._base if tensor._base is not None else tensor
+            if id(base) not in parameters:
+                saved[id(tensor)] = tensor.numel() * tensor.element_size()
+            return tensor
+
+        latents = torch.zeros(1, *self.training_shape(), device=self.device)
+        noise, timesteps = self.training_draws(latents, 1, config.model_copy(update={"seed": 0}),
+                                               torch.Generator().manual_seed(0))
+        frozen = [p for p in self.unet.parameters() if not p.requires_grad]  # traced as if trained: an upper bound
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            for p in frozen:
+                p.requires_grad_(True)
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self.denoising_loss(latents, embedding, noise[0], timesteps[0], config)
+        finally:
+            for p in frozen:
+                p.requires_grad_(False)
+            if config.gradient_checkpointing:
+                self.unet.disable_gradient_checkpointing()
+        return sum(saved.values())
+
+    def training_shape(self) -> tuple[int, int, int]:
+        """What the loss denoises (C, h, w) at the native size: the latents."""
+        return self.draw_shape()
+
+    def compute_dtype(self, config: EditConfig) -> torch.dtype:
+        return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision(config)]
+
+    def frozen_dtype(self, config: EditConfig) -> torch.dtype:
+        """The base weights' dtype for an edit: the compute dtype when only LoRA trains, else fp32 (trained
+        weights stay fp32 under autocast)."""
+        return torch.float32 if config.finetune_method == "full" else self.compute_dtype(config)
+
+    def prepare_weights(self, config: EditConfig) -> None:
+        """The weights in the dtypes this edit runs with (before anything is trained)."""
+        self.weights.set_frozen_dtype(self.frozen_dtype(config))
 
     def precision(self, config: EditConfig) -> str:
         """`auto`: bf16 on CUDA (the fast path), fp32 elsewhere."""

@@ -34,7 +34,7 @@ from imagic.engine.sampling import ddim_step, ddpm_step_mean
 from imagic.engine.scores import score_outputs
 from imagic.engine.selection import select
 from imagic.engine.stats import StageStats
-from imagic.engine.tensors import image_to_pixels, pixels_to_images, weight_bytes
+from imagic.engine.tensors import cast_weights, image_to_pixels, pixels_to_images, weight_bytes
 
 T5_MAX_TOKENS = 77  # what DeepFloyd IF's pipelines encode (its T5 tokenizer would allow 512)
 
@@ -55,6 +55,8 @@ class Editor(Denoiser):
         self.text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
         self.tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
         self.is_xl = self.unet.config.addition_embed_type == "text_time"
+        self._fp32_copies: dict[int, dict[str, torch.Tensor]] = {}  # the text encoders' loaded weights, while cast down
+        self._time_ids: dict[tuple, torch.Tensor] = {}  # SDXL's size conditioning, by (height, width, dtype, device)
         for model in (self.vae, self.text_encoder, self.text_encoder_2):
             if model is not None:
                 model.requires_grad_(False)
@@ -87,6 +89,7 @@ class Editor(Denoiser):
         training saved as it goes, stopped when asked (`Preempted`), resumed from what it holds."""
         # 1. Check inputs
         self.check_inputs(config, etas, seeds)
+        self.prepare_weights(config)
         self.deadline.at = deadline
         self.use_checkpoints(checkpoints)
         stats = StageStats(self.device)
@@ -114,16 +117,16 @@ class Editor(Denoiser):
                 self.deadline.at = None
                 self.use_checkpoints(None)
                 self.restore()
-        # 6. Score every output with the base model, and choose one
-        scores, reconstruction, selection = {}, None, None
-        if config.score_outputs:
-            with stats.stage("score"):
-                scores = score_outputs(self, image, images, e_tgt, e_opt, config, target_text)
-                reconstruction = scores[(0.0, seeds[0])]["fidelity"]
-                for seed in seeds if check else []:  # the check image is not an output
-                    images.pop((0.0, seed))
-                    scores.pop((0.0, seed))
-                selection = select(scores, reconstruction, config)
+            # 6. Score every output with the base model, and choose one
+            scores, reconstruction, selection = {}, None, None
+            if config.score_outputs:
+                with stats.stage("score"):
+                    scores = score_outputs(self, image, images, e_tgt, e_opt, config, target_text)
+                    reconstruction = scores[(0.0, seeds[0])]["fidelity"]
+                    for seed in seeds if check else []:  # the check image is not an output
+                        images.pop((0.0, seed))
+                        scores.pop((0.0, seed))
+                    selection = select(scores, reconstruction, config)
         # 7. The outputs at the input's size (scored above at the model's, where the scores were tuned)
         if config.output_size == "input":
             images = {key: unfit_image(output, original, input_transform) for key, output in images.items()}
@@ -178,6 +181,7 @@ class Editor(Denoiser):
             )
         # The saved input is at the outputs' size: the input as given (output_size=input), or already fitted.
         fitted, transform = self.fit(result.input_image, result.config)
+        self.prepare_weights(result.config)
         try:
             latents = self.encode_image(fitted, result.config)
             self.apply_delta(result.delta, result.config)
@@ -194,6 +198,14 @@ class Editor(Denoiser):
             return images
         finally:
             self.restore()
+
+    def prepare_weights(self, config: EditConfig) -> None:
+        """The UNet's base weights and the text encoders in the compute dtype (the VAE stays fp32: it runs
+        under autocast, or in fp32 where fp16 would overflow), fp32 when the edit computes in fp32."""
+        super().prepare_weights(config)
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            if encoder is not None:
+                cast_weights(encoder, self.compute_dtype(config), self._fp32_copies)
 
     def check_inputs(self, config: EditConfig, etas, seeds) -> None:
         """ValueError for a request this pipeline cannot run, before anything is changed."""
@@ -225,10 +237,18 @@ class Editor(Denoiser):
                              f"({parts} GiB); this GPU has {total / 2**30:.1f} GiB: {advice}")
 
     def memory_needs(self, config: EditConfig) -> dict[str, int]:
-        """Bytes an edit holds on the device besides activations, by part: the UNet's (see
-        `Denoiser.unet_memory_needs`) and the frozen models at their dtype. SD 1.5 full: ≈ 17 GB; SDXL full: ≈ 51 GB."""
-        frozen = sum(weight_bytes(m) for m in (self.vae, self.text_encoder, self.text_encoder_2) if m is not None)
-        return {**self.unet_memory_needs(config), "frozen models": frozen}
+        """Bytes an edit holds on the device at its peak, by part: the UNet's training (see
+        `Denoiser.unet_memory_needs`) and the frozen models (the text encoders in the compute dtype, the VAE
+        fp32)."""
+        return {**self.unet_memory_needs(config, self.encode_text("")), "frozen models": self.frozen_bytes(config)}
+
+    def frozen_bytes(self, config: EditConfig) -> int:
+        frozen = weight_bytes(self.vae) if self.vae is not None else 0
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            if encoder is not None:
+                itemsize = min(self.compute_dtype(config).itemsize, next(encoder.parameters()).element_size())
+                frozen += sum(p.numel() for p in encoder.parameters()) * itemsize
+        return frozen
 
     # ------------------------------------------------------------------ encoders
 
@@ -250,6 +270,9 @@ class Editor(Denoiser):
         row (so that stage 1 optimises it and stage 3 interpolates it with the sequence; `unet_inputs`
         unpacks it). Too-long text is an error, never silently cut."""
         if self.text_encoder.config.model_type == "t5":  # DeepFloyd IF: T5 states, padding masked as IF does
+            # IFPipeline's prompt preprocessing without its optional caption cleaner (bs4, ftfy): lower-cased,
+            # stripped, as IF's T5 saw its captions.
+            text = text.lower().strip()
             tokens = self._tokens(self.tokenizer, text, min(T5_MAX_TOKENS, self.tokenizer.model_max_length))
             return self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0].float()
         if not self.is_xl:
@@ -281,8 +304,12 @@ class Editor(Denoiser):
             return {"encoder_hidden_states": embedding}
         pooled_dim = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
         height, width = (side * self.vae_scale_factor for side in x.shape[-2:])
-        # (original size, crop top-left, target size): the whole image, at the size it is rendered.
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=x.dtype, device=x.device)
+        # (original size, crop top-left, target size): the whole image, at the size it is rendered. Built once
+        # per size: a tensor made from Python numbers on a GPU is a blocking copy, and this runs every step.
+        key = (height, width, x.dtype, x.device)
+        if (time_ids := self._time_ids.get(key)) is None:
+            time_ids = self._time_ids[key] = torch.tensor([[height, width, 0, 0, height, width]], dtype=x.dtype,
+                                                          device=x.device)
         return {"encoder_hidden_states": embedding[:, :-1],
                 "added_cond_kwargs": {"text_embeds": embedding[:, -1, :pooled_dim],
                                       "time_ids": time_ids.expand(x.shape[0], -1)}}
@@ -333,7 +360,7 @@ class Editor(Denoiser):
         if config.unconditional_model == "base" and self.weights.modified and not self.weights.has_lora:
             base_state = self.weights.base_state()
         start = render_start(
-            config, scheduler, shape, seeds, latents, lambda x, t: self.predict(x, t, e_opt),
+            config, scheduler, shape, seeds, latents, lambda x, t: self.predict_in(config, x, t, e_opt),
             lambda x, t: self.guided_prediction(x, t, e_opt.expand(len(x), -1, -1), uncond.expand(len(x), -1, -1),
                                                 config, base_state),
         )
@@ -341,7 +368,7 @@ class Editor(Denoiser):
         mask = None
         if config.mask_threshold > 0:
             mask = edit_mask(
-                self.predict, latents, self.noise_scheduler,
+                lambda x, t, embedding: self.predict_in(config, x, t, embedding), latents, self.noise_scheduler,
                 e_tgt, e_opt, torch.Generator().manual_seed(config.seed), threshold=config.mask_threshold,
             )
         images = {}
@@ -401,8 +428,11 @@ class Editor(Denoiser):
         return pixels_to_images(pixels)
 
     def _vae_autocast(self, config: EditConfig):
-        # SDXL's VAE overflows in half precision (its config says `force_upcast`): it runs in fp32.
-        return contextlib.nullcontext() if self.vae and self.vae.config.get("force_upcast") else self.autocast(config)
+        # SDXL's VAE overflows in fp16 (its config says `force_upcast`): it runs in fp32 then, as diffusers
+        # does; bf16 has fp32's range.
+        if self.vae and self.vae.config.get("force_upcast") and self.precision(config) == "fp16":
+            return contextlib.nullcontext()
+        return self.autocast(config)
 
 
 
@@ -468,6 +498,10 @@ class CascadeEditor(Editor):
 
     # ------------------------------------------------------------------ weights of both models
 
+    def prepare_weights(self, config: EditConfig) -> None:
+        super().prepare_weights(config)
+        self.super_resolution.prepare_weights(sr_config(config))
+
     def apply_delta(self, delta: dict[str, torch.Tensor], config: EditConfig) -> None:
         base, sr = split_delta(delta)
         super().apply_delta(base, config)
@@ -487,5 +521,5 @@ class CascadeEditor(Editor):
 
     def memory_needs(self, config: EditConfig) -> dict[str, int]:
         """The peak of the two fine-tunes (see `cascade_memory_needs`)."""
-        return cascade_memory_needs(super().memory_needs(config),
-                                    self.super_resolution.unet_memory_needs(sr_config(config)), config)
+        sr = self.super_resolution.unet_memory_needs(sr_config(config), self.encode_text(""))
+        return cascade_memory_needs(super().memory_needs(config), sr, config)

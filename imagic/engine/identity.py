@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, shipped_folders
 from imagic.engine.errors import ModelError
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*")  # a commit sha, a branch or tag, refs/pr/N
+
+
+def split_revision(model: str) -> tuple[str, str | None]:
+    """A hub id pinned to a revision, `org/name@revision`, as (`org/name`, `revision`); anything else (a
+    built-in name, a local path, an s3:// prefix, an unpinned hub id) as (`model`, None)."""
+    name, at, revision = model.rpartition("@")
+    if at and HUB_ID.fullmatch(name) and REVISION.fullmatch(revision) and not Path(model).exists():
+        return name, revision
+    return model, None
+
+
+def model_revision(model: str) -> str | None:
+    """The revisions a model name pins (a cascade: its stages', joined by `+`); None if it pins none."""
+    revisions = [split_revision(part)[1] for part in model.split(CASCADE_SEPARATOR)]
+    return None if not any(revisions) else CASCADE_SEPARATOR.join(r or "" for r in revisions)
 
 
 @functools.cache
@@ -20,7 +39,7 @@ def model_sha256(path: str) -> str | None:
     if CASCADE_SEPARATOR in path:  # a cascade: the hash of its stages' hashes
         parts = [model_sha256(part) for part in path.split(CASCADE_SEPARATOR)]
         return None if None in parts else hashlib.sha256(CASCADE_SEPARATOR.join(parts).encode()).hexdigest()
-    directory = Path(path) if Path(path).is_dir() else _hub_snapshot(path)
+    directory = Path(path) if Path(path).is_dir() else _hub_snapshot(*split_revision(path))
     if directory is None:
         return None
     digest = hashlib.sha256()
@@ -35,12 +54,12 @@ def model_sha256(path: str) -> str | None:
     return digest.hexdigest()
 
 
-def _hub_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot diffusers loaded a hub id from, if there is one."""
+def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot diffusers loaded a hub id (at `revision`) from, if there is one."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:  # not a hub id, or not in the local hub cache
         return None
 

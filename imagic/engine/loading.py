@@ -16,6 +16,7 @@ from diffusers import (DiffusionPipeline, IFPipeline, IFSuperResolutionPipeline,
 from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, BuiltinModel, shipped_folders
 from imagic.engine.cache import cache_dir
 from imagic.engine.errors import ModelError
+from imagic.engine.identity import split_revision
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def load_pipeline(model: str, device: str | torch.device = "cpu"):
 
 
 def _from_pretrained(model: str, source: str, pipeline_class: type, device):
+    pinned, (source, revision) = source, split_revision(source)
     if Path(source).exists():
         check_model_dir(Path(source))
     extra = {} if pipeline_class is StableDiffusionXLPipeline else dict(NOT_LOADED)
@@ -142,23 +144,25 @@ def _from_pretrained(model: str, source: str, pipeline_class: type, device):
         extra.update(text_encoder=None, tokenizer=None, watermarker=None)
     elif pipeline_class is IFPipeline:
         extra.update(watermarker=None)
+    dtype = torch.float32
+    if pipeline_class is IFPipeline and torch.device(device).type == "cuda":
+        # IF's T5-XXL is 4.7 B frozen parameters: read in bf16 (as T5 was trained), never 19 GB of fp32 first.
+        dtype = {"text_encoder": torch.bfloat16, "default": torch.float32}
     try:
-        pipeline = pipeline_class.from_pretrained(source, use_safetensors=True, dtype=torch.float32, **extra)
+        pipeline = pipeline_class.from_pretrained(source, revision=revision, use_safetensors=True, dtype=dtype, **extra)
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelError(f"cannot load model {model!r}: {err}") from err
+    pipeline.register_to_config(_name_or_path=pinned)  # the revision too: which weights, for the record's hash
     check_pipeline(pipeline, model)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline = pipeline.to(device)
-    if pipeline_class is IFPipeline and pipeline.device.type == "cuda":
-        # IF's T5-XXL is 4.7 B frozen parameters: bf16 (as T5 was trained) halves its 19 GB; never trained.
-        pipeline.text_encoder.to(torch.bfloat16)
-    return pipeline
+    return pipeline.to(device)
 
 
 def _pipeline_class(model: str, source: str, supported: dict[str, type]) -> type:
     """The checkpoint's pipeline class; an unsupported one (inpainting, pix2pix, …) is a ModelError."""
+    source, revision = split_revision(source)
     try:
-        name = DiffusionPipeline.load_config(source).get("_class_name", "StableDiffusionPipeline")
+        name = DiffusionPipeline.load_config(source, revision=revision).get("_class_name", "StableDiffusionPipeline")
     except (OSError, ValueError):  # not reachable here: let from_pretrained say why
         return next(iter(supported.values()))
     if name in SUPER_RESOLUTION and supported is PIPELINES:
@@ -180,6 +184,19 @@ def check_pipeline(pipeline, model: str) -> None:
         kind = {9: " (an inpainting UNet?)", 8: " (an instruct-pix2pix UNet?)"}.get(unet_channels, "")
         raise ModelError(f"{model!r}: its UNet takes {unet_channels} input channels{kind}, its VAE makes "
                          f"{latent_channels}; Imagic needs a text-to-image UNet ({latent_channels} channels)")
+    check_prediction_type(pipeline, model)
+
+
+def check_prediction_type(pipeline, model: str) -> None:
+    """A checkpoint shaped like SD 2.x at 768 px is a v-prediction model; one whose scheduler config does
+    not say so would be trained and rendered as ε (SD's default here): noise, not an edit."""
+    config = pipeline.scheduler.config
+    unset = "prediction_type" not in config or "prediction_type" in config.get("_use_default_values", [])
+    unet = pipeline.unet.config
+    if unset and unet.cross_attention_dim == 1024 and unet.sample_size == 96:
+        raise ModelError(f"{model!r}: an SD 2.x 768 px UNet whose scheduler config sets no prediction_type; the "
+                         "768 px SD 2.x models predict v: add \"prediction_type\": \"v_prediction\" to "
+                         "scheduler/scheduler_config.json (\"epsilon\" if it predicts the noise)")
 
 
 def scheduler_config(scheduler) -> dict:

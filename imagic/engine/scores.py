@@ -33,8 +33,10 @@ CLASSIFIER_DRAWS = 16  # (noise, timestep) pairs shared by every image of an edi
 
 
 @torch.no_grad()
-def text_margins(editor, latents: torch.Tensor, e_tgt: torch.Tensor, e_opt: torch.Tensor, seed: int) -> torch.Tensor:
-    """margin(y) for each of the `latents` (n, C, h, w), under the editor's current (base) UNet."""
+def text_margins(editor, latents: torch.Tensor, e_tgt: torch.Tensor, e_opt: torch.Tensor, seed: int,
+                 config=None) -> torch.Tensor:
+    """margin(y) for each of the `latents` (n, C, h, w), under the editor's current (base) UNet, in the
+    compute precision of `config` (an `EditConfig`; None: fp32)."""
     scheduler = editor.noise_scheduler
     generator = torch.Generator().manual_seed(seed)
     draws = CLASSIFIER_DRAWS
@@ -48,9 +50,10 @@ def text_margins(editor, latents: torch.Tensor, e_tgt: torch.Tensor, e_opt: torc
         for x0 in latents:
             x0 = x0.unsqueeze(0).expand(draws, -1, -1, -1)
             noisy = scheduler.add_noise(x0, noise, timesteps)
-            prediction = editor.predict(noisy, timesteps, embedding)
+            prediction = (editor.predict(noisy, timesteps, embedding) if config is None
+                          else editor.predict_in(config, noisy, timesteps, embedding)).float()
             target = training_target(scheduler, x0, noise, timesteps)
-            per_image.append(((prediction.float() - target) ** 2).mean())
+            per_image.append(((prediction - target) ** 2).mean())
         errors[name] = torch.stack(per_image)
     return (errors["opt"] - errors["tgt"]) / (errors["opt"] + errors["tgt"])
 
@@ -120,7 +123,8 @@ def score_outputs(editor, input_image, images: dict, e_tgt, e_opt, config,
     keys = sorted(images)
     pictures = [input_image] + [images[k] for k in keys]
     latents = torch.cat([editor.encode_image(p, config) for p in pictures])
-    margins = text_margins(editor, latents, e_tgt.to(editor.device), e_opt.to(editor.device), config.seed).cpu()
+    margins = text_margins(editor, latents, e_tgt.to(editor.device), e_opt.to(editor.device), config.seed,
+                           config).cpu()
     scores = {
         key: {
             "edit": round(float(margins[i + 1] - margins[0]), 6),

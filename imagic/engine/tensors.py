@@ -21,3 +21,19 @@ def pixels_to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def cast_weights(module: torch.nn.Module, dtype: torch.dtype, fp32_copies: dict[int, dict[str, torch.Tensor]]) -> None:
+    """`module`'s weights in `dtype`. Before they are first cast down, a host copy of the fp32 weights goes
+    into `fp32_copies` (by module), so that casting back to fp32 gives them back bit for bit; a module
+    loaded below fp32 (IF's T5 in bf16) stays as it was loaded."""
+    current = next(module.parameters()).dtype
+    if current == dtype:
+        return
+    if dtype != torch.float32:
+        if current == torch.float32 and id(module) not in fp32_copies:
+            fp32_copies[id(module)] = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        module.to(dtype)
+    elif id(module) in fp32_copies:
+        module.to(dtype)
+        module.load_state_dict(fp32_copies[id(module)])

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from imagic.engine.config import EditConfig
+from imagic.engine.tensors import cast_weights
 
 LORA_ADAPTER = "imagic"
 
@@ -23,6 +24,9 @@ class UNetWeights:
         self.unet = unet
         self.modified = False  # anything to undo: LoRA layers in place, or trained weights
         self._base_state: dict[str, torch.Tensor] | None = None
+        self._fp32_copies: dict[int, dict[str, torch.Tensor]] = {}  # the loaded weights, while cast down
+        self._lora_layers: list[torch.nn.Module] | None = None  # peft's layers, found once per adapter
+        self._base_rows = 0  # while guidance shares one call: the leading samples that run without LoRA
 
     @property
     def has_lora(self) -> bool:
@@ -31,20 +35,36 @@ class UNetWeights:
     @contextlib.contextmanager
     def lora_off_for_first(self, n: int) -> Iterator[None]:
         """While open, the first `n` samples of every UNet call run without LoRA (the base model) and the rest
-        with it: peft's mixed-batch forward, so guidance's base and fine-tuned branches share one call."""
-        from peft.tuners.lora import LoraLayer
+        with it: peft's mixed-batch forward, so guidance's base and fine-tuned branches share one call. The
+        hooks that say so are put on peft's layers once per adapter, not walked for every call."""
+        if self._lora_layers is None:
+            from peft.tuners.lora import LoraLayer
 
-        def hook(module, args, kwargs):
-            rest = len(args[0]) - n
-            return args, {**kwargs, "adapter_names": ["__base__"] * n + [LORA_ADAPTER] * rest}
-
-        handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self.unet.modules()
-                   if isinstance(m, LoraLayer)]
+            self._lora_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+            for layer in self._lora_layers:
+                layer.register_forward_pre_hook(self._mixed_batch, with_kwargs=True)
+        self._base_rows = n
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            self._base_rows = 0
+
+    def _mixed_batch(self, module, args, kwargs):
+        if not self._base_rows:
+            return None
+        rest = len(args[0]) - self._base_rows
+        return args, {**kwargs, "adapter_names": ["__base__"] * self._base_rows + [LORA_ADAPTER] * rest}
+
+    def set_frozen_dtype(self, dtype: torch.dtype) -> None:
+        """The UNet's base weights in `dtype` while nothing is modified: the compute dtype when only LoRA
+        trains under mixed precision, so that autocast does not cast every frozen weight on every call (and
+        they take half the memory), as diffusers' LoRA scripts keep them; fp32 again, bit for bit, for an edit
+        that trains them or computes in fp32."""
+        if self.modified:
+            raise RuntimeError("the UNet's dtype changes only between edits")
+        if dtype != torch.float32:
+            self._base_state = None  # a full fine-tune's snapshot is fp32: taken again when one needs it
+        cast_weights(self.unet, dtype, self._fp32_copies)
 
     def base_state(self) -> dict[str, torch.Tensor]:
         """The base weights. Taken once, on first need, before any edit touches them: a copy the UNet's
@@ -122,6 +142,7 @@ class UNetWeights:
             return
         if self.has_lora:
             self.unet.unload_lora()
+            self._lora_layers = None  # gone with their hooks
         if self._base_state is not None:
             self.unet.load_state_dict(self._base_state)
         self.unet.requires_grad_(False)
@@ -132,6 +153,7 @@ class UNetWeights:
         self.modified = True
         if self.has_lora:
             self.unet.unload_lora()
+        self._lora_layers, self._base_rows = None, 0
         strip_lora_layers(self.unet)
         if hasattr(self.unet, "_hf_peft_config_loaded"):  # diffusers' flag that an adapter is loaded
             self.unet._hf_peft_config_loaded = False
@@ -149,6 +171,16 @@ def strip_lora_layers(model: torch.nn.Module) -> None:
         setattr(parent, child, getattr(parent, child).get_base_layer())
 
 
-def finetune_bytes(unet: torch.nn.Module, config: EditConfig) -> int:
-    """fp32 weights, gradients, the base snapshot and Adam's two moments (fp32, or 1 byte each in 8-bit)."""
-    return sum(p.numel() for p in unet.parameters()) * (4 + 4 + 4 + (2 if config.use_8bit_adam else 8))
+def lora_parameter_count(unet: torch.nn.Module, config: EditConfig) -> int:
+    """The parameters LoRA of `config`'s rank adds on its target modules (peft: A maps a layer's input to the
+    rank, B the rank to its output; a convolution's A keeps its kernel), counted without adding them."""
+    count = 0
+    for name, module in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in config.lora_target_modules):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            count += config.lora_rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            count += config.lora_rank * (module.in_channels * kernel + module.out_channels)
+    return count

@@ -7,7 +7,7 @@ import torch
 
 from imagic import EditResult, Editor, ModelError, load_pipeline, make_config
 from imagic.batch.run import run_entry
-from imagic.engine.cascade import SR_PREFIX
+from imagic.engine.cascade import SR_PREFIX, sr_config
 from imagic.batch.manifest import ManifestError, single_entry, validate_manifest
 from imagic.io.storage import LocalStorage
 
@@ -156,9 +156,15 @@ def test_the_memory_a_cascade_needs_is_the_peak_of_its_two_fine_tunes(cascade_ed
     sr = sum(p.numel() for p in cascade_editor.super_resolution.unet.parameters())
     assert lora["unet weights"] == 4 * base and lora["super-resolution unet weights"] == 4 * sr
     assert sum(lora.values()) < sum(full.values())
-    # Full: either the base trains (20 B/parameter) beside the SR weights, or the SR model trains beside the base
-    # weights and their snapshot; the larger phase is the need.
-    assert sum(full.values()) - full["frozen models"] == max(20 * base + 4 * sr, 8 * base + 20 * sr)
+    # Full: either the base trains (20 B/parameter, its draws and activations) beside the SR weights, or the SR
+    # model trains beside the base weights and their snapshot; the larger phase is the need.
+    base_needs = cascade_editor.unet_memory_needs(cascade_config("paper"), cascade_editor.encode_text(""))
+    sr_needs = cascade_editor.super_resolution.unet_memory_needs(sr_config(cascade_config("paper")),
+                                                                 cascade_editor.encode_text(""))
+    assert base_needs["unet weights"] + base_needs["unet training"] == 20 * base
+    assert sr_needs["unet weights"] + sr_needs["unet training"] == 20 * sr
+    assert sum(full.values()) - full["frozen models"] == max(sum(base_needs.values()) + 4 * sr,
+                                                             8 * base + sum(sr_needs.values()))
 
 
 def test_a_cascade_is_loaded_from_its_two_checkpoints_and_only_in_that_order(cascade_editor):

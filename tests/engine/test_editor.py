@@ -306,15 +306,12 @@ def test_the_fast_path_leaves_cpu_numbers_as_they_were(editor, scene, quick_conf
 
 
 def test_the_memory_a_full_finetune_needs_is_explicit(editor, quick_config):
-    """On CUDA a full fine-tune that cannot fit is refused before it starts (SDXL: LoRA, or 8-bit Adam)."""
-    parameters = sum(p.numel() for p in editor.unet.parameters())
-    full, eight_bit = editor.memory_needs(quick_config("paper")), editor.memory_needs(quick_config("paper", use_8bit_adam=True))
-    assert full["unet weights"] + full["unet training"] == 20 * parameters
-    assert eight_bit["unet weights"] + eight_bit["unet training"] == 14 * parameters
-    assert editor.memory_needs(quick_config("fast"))["unet training"] == 0
-    assert full["frozen models"] == 4 * sum(p.numel() for m in (editor.vae, editor.text_encoder) for p in m.parameters())
+    """On CUDA a full fine-tune that cannot fit is refused before it starts (SDXL: LoRA, or 8-bit Adam); the
+    hand count of each part is in test_precision.py."""
+    full, lora = editor.memory_needs(quick_config("paper")), editor.memory_needs(quick_config("fast"))
+    assert 0 < lora["unet training"] < full["unet training"]
     sdxl_unet_parameters = 2_567_463_684
-    assert 45e9 < 20 * sdxl_unet_parameters < 55e9  # the figure the docs give
+    assert 45e9 < 20 * sdxl_unet_parameters < 55e9  # the weights-and-optimiser figure the docs give
 
 
 def test_a_learned_variance_unet_is_trained_and_rendered_on_its_prediction_only(tiny_dir, tmp_path, scene,

@@ -105,3 +105,20 @@ def test_scheduler_keys_the_checkpoint_lacks_get_sd_values(tmp_path):
                                                                  "steps_offset": 0}))
     explicit = DDIMScheduler.from_config(scheduler_config(DDIMScheduler.from_pretrained(tmp_path)))
     assert (explicit.config.clip_sample, explicit.config.steps_offset) == (True, 0)  # what a config says is kept
+
+
+def test_a_hub_id_pinned_to_a_revision_loads_that_snapshot_and_says_so(tiny_dir, tmp_path, monkeypatch):
+    """`org/name@revision`: the hub's own cache layout, offline; the loaded pipeline, its hash and the
+    record's model_revision name the revision, and another revision is not silently the one cached."""
+    import huggingface_hub.constants
+
+    from imagic.engine.identity import model_revision, model_sha256
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_dir, tmp_path / "models--acme--tiny" / "snapshots" / revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    pipeline = load_pipeline(f"acme/tiny@{revision}")
+    assert pipeline.name_or_path == f"acme/tiny@{revision}" and model_revision(pipeline.name_or_path) == revision
+    assert model_sha256(pipeline.name_or_path) == model_sha256(str(tiny_dir))  # the same files
+    with pytest.raises(ModelError, match="cannot load model"):
+        load_pipeline(f"acme/tiny@{'f' * 40}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imagic.engine.weights import UNetWeights, finetune_bytes
+from imagic.engine.weights import UNetWeights, lora_parameter_count
 
 
 @pytest.fixture
@@ -56,10 +56,33 @@ def test_recover_strips_half_added_adapters(weights, quick_config, monkeypatch):
     assert weights.unet.state_dict().keys() == before.keys()
 
 
-def test_a_full_fine_tune_holds_weights_gradients_snapshot_and_adam(editor, quick_config):
-    n = sum(p.numel() for p in editor.unet.parameters())
-    assert finetune_bytes(editor.unet, quick_config("paper")) == n * 20
-    assert finetune_bytes(editor.unet, quick_config("paper", use_8bit_adam=True)) == n * 14
+def test_the_lora_parameters_are_counted_as_peft_adds_them(weights, quick_config):
+    from imagic.engine.config import LORA_ATTENTION, LORA_CONVOLUTION
+
+    config = quick_config("fast", lora_rank=3, lora_target_modules=LORA_ATTENTION + LORA_CONVOLUTION)
+    weights.add_lora(config)
+    try:
+        added = sum(p.numel() for name, p in weights.unet.named_parameters() if "lora_" in name)
+    finally:
+        weights.recover()
+    assert added > 0 and lora_parameter_count(weights.unet, config) == added
+
+
+def test_frozen_weights_cast_down_come_back_to_fp32_bit_for_bit(weights, quick_config):
+    """Under mixed precision a LoRA edit keeps the base in the compute dtype and trains fp32 adapters; a later
+    fp32 edit gets the loaded weights back exactly."""
+    before = state(weights.unet)
+    weights.set_frozen_dtype(torch.bfloat16)
+    try:
+        weights.trainable(quick_config("fast", lora_rank=2))
+        dtypes = {(("lora_" in name), p.dtype) for name, p in weights.unet.named_parameters()}
+    finally:
+        weights.restore()
+        weights.set_frozen_dtype(torch.float32)
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    after = state(weights.unet)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(v.dtype == torch.float32 for v in after.values())
 
 
 @pytest.mark.parametrize("targets", ["attention", "attention+convolution"])
