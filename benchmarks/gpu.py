@@ -1,6 +1,8 @@
 """Imagic at real model sizes: SD 1.5, SD 2.1-768, SDXL and DeepFloyd IF (cascade) shapes with random weights
 (no hub), at native resolution, each preset with the CUDA fast path on and off, side by side in one process.
 
+    python benchmarks/gpu.py --session --json gpu_session.json  # on a lent GPU: the rows that matter, ≤ 8 min
+    python benchmarks/gpu.py --session --device cpu --scale 8  # its CPU proof run
     python benchmarks/gpu.py                                   # on a GPU: every architecture, paper + anchored
     python benchmarks/gpu.py --arch sd15 --presets paper --step-fraction 0.1      # a tenth of the steps
     python benchmarks/gpu.py --device cpu --scale 8 --step-fraction 0.02          # scaled down: proves it runs
@@ -20,8 +22,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's imagic, with no install or PYTHONPATH
 
 ARCHITECTURES = Path(__file__).parent / "architectures"
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
@@ -132,7 +137,7 @@ def forward_flops(editor, config) -> int:
     x = torch.zeros(config.train_batch_size, editor.unet.config.in_channels, side, side, device=editor.device)
     t = torch.full((config.train_batch_size,), 500, device=editor.device)
     embedding = editor.encode_text("a photo")
-    with torch.no_grad(), editor._autocast(config), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), editor.autocast(config), FlopCounterMode(display=False) as counter:
         editor.predict(x, t, embedding)
     return counter.get_total_flops()
 
@@ -148,25 +153,29 @@ def peak_flops(device: str, given: float | None) -> float | None:
     return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
-def run(arch: str, preset: str, fast_path: bool, args) -> dict:
-    import torch
-    from PIL import Image, ImageDraw
-
-    from imagic import Editor, make_config
-
+def build_editor(arch: str, args):
+    from imagic import Editor
     from imagic.engine.editor import CascadeEditor
 
     config_data = scaled(json.loads((ARCHITECTURES / f"{arch}.json").read_text()), args.scale)
-    family = "cascade" if config_data["pipeline"] == "Cascade" else "single"
-    if family == "cascade":
-        pipeline = build_cascade(config_data, args.device)
-        editor = CascadeEditor(pipeline)
-    else:
-        pipeline = build_pipeline(config_data).to(args.device)
-        editor = Editor(pipeline)
+    if config_data["pipeline"] == "Cascade":
+        return CascadeEditor(build_cascade(config_data, args.device))
+    return Editor(build_pipeline(config_data).to(args.device))
+
+
+def run(arch: str, preset: str, fast_path: bool, args, editor=None, step_fraction: float | None = None) -> dict:
+    """One edit of `arch` at `preset` (a fraction of its training steps); `editor`: reuse a built one (warm)."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from imagic import make_config
+
+    step_fraction = args.step_fraction if step_fraction is None else step_fraction
+    editor = editor or build_editor(arch, args)
+    family = "cascade" if editor.has_super_resolution else "single"
     defaults = make_config(preset, family)
     trained = ("embedding_steps", "finetune_steps") + (("sr_finetune_steps",) if family == "cascade" else ())
-    steps = {key: max(1, round((getattr(defaults, key) or defaults.finetune_steps) * args.step_fraction))
+    steps = {key: max(1, round((getattr(defaults, key) or defaults.finetune_steps) * step_fraction))
              for key in trained}
     config = make_config(preset, family, **steps, num_inference_steps=args.inference_steps, save_full_delta=False,
                          **({"sr_num_inference_steps": args.inference_steps} if family == "cascade" else {}),
@@ -196,11 +205,9 @@ def run(arch: str, preset: str, fast_path: bool, args) -> dict:
     peak = peak_flops(args.device, args.peak_tflops)
     achieved = {stage: factor * fwd / per_step[stage]
                 for stage, factor in (("embedding", 2), ("finetune", train_factor))}
-    del editor, pipeline
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return {
-        **row, "wall_s": wall, "seconds": seconds,
+        **row, "_editor": editor, "wall_s": wall, "seconds_per_image": wall, "seconds": seconds, "step_fraction": step_fraction,
+        "memory_needs_total_gb": sum(editor.memory_needs(config).values()) / 2**30,
         "ms_per_step": {k: 1000 * v for k, v in per_step.items()},
         "peak_memory_gb": {k: v / 2**30 for k, v in result.peak_memory_bytes.items()},
         "unet_forward_gflops": fwd / 1e9, "achieved_tflops": {k: v / 1e12 for k, v in achieved.items()},
@@ -235,6 +242,80 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The lent-GPU session, in order of value: (row, arch, preset, share of the preset's training steps, planned
+# seconds on an H100-class card, build included). Planned ≤ 8 minutes; rows that would overrun the budget
+# are skipped, and the JSON is rewritten after every row, so a session cut short keeps what it measured.
+SESSION = [
+    ("sd15 default, cold", "sd15", "anchored", 1.0, 60),
+    ("sd15 default, warm", "sd15", "anchored", 1.0, 30),
+    ("sd15 paper, a tenth of the steps", "sd15", "paper", 0.1, 45),
+    ("sdxl default", "sdxl", "anchored", 1.0, 120),
+    ("if cascade default", "if", "anchored", 1.0, 120),
+    ("sdxl full fine-tune, memory probe", "sdxl", "paper", 0.005, 60),
+]
+
+
+def measured_peak_tflops(device: str) -> dict:
+    """The card's real dense matmul rate (bf16 on CUDA, fp32 on the CPU): ten timed products after three."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / 10
+    return {"n": n, "dtype": str(dtype), "tflops": 2 * n**3 / seconds / 1e12}
+
+
+def session(args) -> dict:
+    import torch
+
+    started = time.monotonic()
+    report = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+              "scale": args.scale, "budget_s": args.budget_s, "planned_gpu_seconds": sum(r[-1] for r in SESSION),
+              "torch": torch.__version__, "rows": []}
+    report["warmup"] = run("sd15", "anchored", True, args, step_fraction=0.01)["wall_s"]  # kernels, allocator
+    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+    report["matmul_peak"] = measured_peak_tflops(args.device)
+    args.peak_tflops = report["matmul_peak"]["tflops"] if args.device.startswith("cuda") else args.peak_tflops
+    editors = {}
+    for name, arch, preset, fraction, planned in SESSION:
+        elapsed = time.monotonic() - started
+        if elapsed + planned * (1 if args.scale == 1 else 0) > args.budget_s:
+            report["rows"].append({"row": name, "skipped": f"{elapsed:.0f} s spent, {planned} s planned"})
+            continue
+        warm = name.endswith("warm")
+        editor = editors.pop(arch, None) if warm else None
+        try:
+            row = run(arch, preset, True, args, editor=editor, step_fraction=fraction)
+        except Exception as err:  # a row's failure (e.g. out of memory) is a result; the session goes on
+            row = {"error": f"{type(err).__name__}: {err}"[:500]}
+        built = row.pop("_editor", None)
+        report["rows"].append({"row": name, "planned_s": planned, **row})
+        if "peak_memory_gb" in row:
+            row_peak = max(row["peak_memory_gb"].values())
+            report["rows"][-1]["memory_needs_over_peak"] = row["memory_needs_total_gb"] / row_peak if row_peak else None
+        if arch == "sd15" and not warm:
+            editors[arch] = built
+        del built
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        report["elapsed_s"] = time.monotonic() - started
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: report["rows"][-1].get(k) for k in ("row", "seconds_per_image", "skipped", "error")}),
+              flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", action="append", help="sd15, sd21-768, sdxl, if (repeatable; default: all)")
@@ -247,7 +328,14 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: known GPUs)")
     parser.add_argument("--fast-path", choices=["both", "on", "off"], default="both")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--session", action="store_true", help="the lent-GPU session: every row that matters, "
+                        "in order of value, within --budget-s (README: On a lent GPU)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="--session stops before this many seconds")
     args = parser.parse_args()
+    if args.session:
+        report = session(args)
+        print(table([r for r in report["rows"] if "seconds" in r]))
+        return
     archs = args.arch or sorted(p.stem for p in ARCHITECTURES.glob("*.json"))
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.fast_path]
     rows = []
@@ -255,6 +343,7 @@ def main() -> None:
         for preset in args.presets.split(","):
             for fast_path in modes:  # side by side: the same work, fast path on then off
                 rows.append(run(arch, preset, fast_path, args))
+                rows[-1].pop("_editor", None)
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
     print(table(rows))
     if args.json:
