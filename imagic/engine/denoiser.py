@@ -308,6 +308,16 @@ class Denoiser:
         return torch.autocast(self.device.type, dtype=dtype)
 
 
+def check_fits(needs: dict[str, int], total: int, config: EditConfig) -> None:
+    """ValueError, naming the parts, for an edit that needs more than 90 % of the card's `total` bytes."""
+    if sum(needs.values()) > 0.9 * total:
+        parts = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in needs.items() if size)
+        advice = ("set use_8bit_adam=true or finetune_method=lora (the default preset)"
+                  if config.finetune_method == "full" else "use a GPU with more memory")
+        raise ValueError(f"this edit needs about {sum(needs.values()) / 2**30:.1f} GiB ({parts} GiB); this GPU "
+                         f"has {total / 2**30:.1f} GiB: {advice}")
+
+
 def adam(params: list[torch.Tensor], lr: float, config: EditConfig, device: torch.device) -> torch.optim.Optimizer:
     if not config.use_8bit_adam:
         # Fused: one kernel for every parameter (CUDA); the default foreach kernels elsewhere.

@@ -25,8 +25,8 @@ from imagic.engine.anchoring import SourceAttention, edit_mask, injected_self_at
 from imagic.engine.cascade import SR_PREFIX, SuperResolution, cascade_memory_needs, split_delta, sr_config
 from imagic.engine.config import SR_OPTIONS, EditConfig
 from imagic.engine.checkpoints import Checkpoints
-from imagic.engine.denoiser import Denoiser, ProgressCallback, tf32
-from imagic.engine.grid import check_grid, check_image_etas, interpolate
+from imagic.engine.denoiser import Denoiser, ProgressCallback, check_fits, tf32
+from imagic.engine.grid import check_grid, check_image_etas, interpolate, render_chunks
 from imagic.engine.images import fit_image, unfit_image
 from imagic.engine.loading import Cascade, load_pipeline, scheduler_config
 from imagic.engine.result import EditResult
@@ -200,8 +200,7 @@ class Editor(Denoiser):
             self.restore()
 
     def prepare_weights(self, config: EditConfig) -> None:
-        """The UNet's base weights and the text encoders in the compute dtype (the VAE stays fp32: it runs
-        under autocast, or in fp32 where fp16 would overflow), fp32 when the edit computes in fp32."""
+        """The UNet's base weights and the text encoders in the compute dtype (the VAE stays fp32)."""
         super().prepare_weights(config)
         for encoder in (self.text_encoder, self.text_encoder_2):
             if encoder is not None:
@@ -228,18 +227,10 @@ class Editor(Denoiser):
             if cuda_only:
                 raise ValueError(f"{', '.join(cuda_only)} need a CUDA device; this pipeline is on {self.device}")
             return
-        needs, total = self.memory_needs(config), torch.cuda.get_device_properties(self.device).total_memory
-        if sum(needs.values()) > 0.9 * total:
-            parts = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in needs.items() if size)
-            advice = ("set use_8bit_adam=true or finetune_method=lora (the default preset)"
-                      if config.finetune_method == "full" else "use a GPU with more memory")
-            raise ValueError(f"this edit needs about {sum(needs.values()) / 2**30:.1f} GiB besides activations "
-                             f"({parts} GiB); this GPU has {total / 2**30:.1f} GiB: {advice}")
+        check_fits(self.memory_needs(config), torch.cuda.get_device_properties(self.device).total_memory, config)
 
     def memory_needs(self, config: EditConfig) -> dict[str, int]:
-        """Bytes an edit holds on the device at its peak, by part: the UNet's training (see
-        `Denoiser.unet_memory_needs`) and the frozen models (the text encoders in the compute dtype, the VAE
-        fp32)."""
+        """Bytes an edit holds on the device at its peak, by part (`Denoiser.unet_memory_needs`, frozen models)."""
         return {**self.unet_memory_needs(config, self.encode_text("")), "frozen models": self.frozen_bytes(config)}
 
     def frozen_bytes(self, config: EditConfig) -> int:
@@ -304,12 +295,10 @@ class Editor(Denoiser):
             return {"encoder_hidden_states": embedding}
         pooled_dim = self.unet.config.projection_class_embeddings_input_dim - 6 * self.unet.config.addition_time_embed_dim
         height, width = (side * self.vae_scale_factor for side in x.shape[-2:])
-        # (original size, crop top-left, target size): the whole image, at the size it is rendered. Built once
-        # per size: a tensor made from Python numbers on a GPU is a blocking copy, and this runs every step.
-        key = (height, width, x.dtype, x.device)
-        if (time_ids := self._time_ids.get(key)) is None:
-            time_ids = self._time_ids[key] = torch.tensor([[height, width, 0, 0, height, width]], dtype=x.dtype,
-                                                          device=x.device)
+        # (original size, crop top-left, target size): the whole image at its rendered size. Built once per size:
+        # a tensor made from Python numbers on a GPU is a blocking copy, and this runs every step.
+        if (time_ids := self._time_ids.get(key := (height, width, x.dtype, x.device))) is None:
+            time_ids = self._time_ids[key] = torch.tensor([[height, width, 0, 0, height, width]], dtype=x.dtype, device=x.device)
         return {"encoder_hidden_states": embedding[:, :-1],
                 "added_cond_kwargs": {"text_embeds": embedding[:, -1, :pooled_dim],
                                       "time_ids": time_ids.expand(x.shape[0], -1)}}
@@ -373,7 +362,7 @@ class Editor(Denoiser):
             )
         images = {}
         with self._attention_injection(config) as injection:
-            for chunk in self._render_chunks(etas, seeds, config):
+            for chunk in render_chunks(etas, seeds, config):
                 n = len(chunk)
                 injection.group_size = n
                 cond = torch.cat([interpolate(e_tgt, e_opt, max(eta, 0.0)) for eta, _ in chunk])  # (n, L, D)
@@ -400,20 +389,6 @@ class Editor(Denoiser):
         """The rendered samples `x` (one per (η, seed) in `keys`) as images: decoded (a cascade: upsampled)."""
         return self.decode_latents(x, config)
 
-    def _render_chunks(self, etas, seeds, config: EditConfig) -> list[list[tuple[float, int]]]:
-        """(η, seed) groups rendered in one batch. With attention injection each group is one seed's and
-        starts with its source branch (η = 0 at e_opt, keyed η = −1: rendered, not returned)."""
-        grid = [(float(eta), int(seed)) for seed in seeds for eta in etas]
-        if config.attention_injection == 0:
-            size = config.render_batch_size
-            return [grid[i : i + size] for i in range(0, len(grid), size)]
-        size = max(1, config.render_batch_size - 1)
-        chunks = []
-        for seed in seeds:
-            own = [key for key in grid if key[1] == seed]
-            chunks += [[(-1.0, int(seed)), *own[i : i + size]] for i in range(0, len(own), size)]
-        return chunks
-
     def _attention_injection(self, config: EditConfig):
         if config.attention_injection == 0:
             return contextlib.nullcontext(SourceAttention())  # inert: never active
@@ -433,7 +408,6 @@ class Editor(Denoiser):
         if self.vae and self.vae.config.get("force_upcast") and self.precision(config) == "fp16":
             return contextlib.nullcontext()
         return self.autocast(config)
-
 
 
 class CascadeEditor(Editor):

@@ -50,3 +50,18 @@ def check_image_etas(etas, scored: bool) -> list[float]:
 def interpolate(e_tgt, e_opt, eta: float):
     """ē = η·e_tgt + (1−η)·e_opt: η=0 is exactly e_opt (the input image), η=1 exactly e_tgt."""
     return eta * e_tgt + (1.0 - eta) * e_opt
+
+
+def render_chunks(etas, seeds, config) -> list[list[tuple[float, int]]]:
+    """(η, seed) groups rendered in one batch. With attention injection each group is one seed's and
+    starts with its source branch (η = 0 at e_opt, keyed η = −1: rendered, not returned)."""
+    grid = [(float(eta), int(seed)) for seed in seeds for eta in etas]
+    if config.attention_injection == 0:
+        size = config.render_batch_size
+        return [grid[i : i + size] for i in range(0, len(grid), size)]
+    size = max(1, config.render_batch_size - 1)
+    chunks = []
+    for seed in seeds:
+        own = [key for key in grid if key[1] == seed]
+        chunks += [[(-1.0, int(seed)), *own[i : i + size]] for i in range(0, len(own), size)]
+    return chunks
