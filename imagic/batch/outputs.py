@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import PurePosixPath
 
-from imagic.engine.identity import model_revision
+from imagic.engine.builtins import model_revision
 from imagic.engine.result import ARTIFACTS, SELECTED_FILE, EditResult, image_name
 from imagic.io.redaction import redact_uri, uri_identity
 

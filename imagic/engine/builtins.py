@@ -7,6 +7,7 @@ the CLI lists the names, and the batch layer asks whether the toy oracle can rea
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -85,3 +86,22 @@ def shipped_folders(builtin: BuiltinModel) -> list[Path] | None:
         raise ModelError(f"the {builtin.name} model is not in this installation ({directory}); "
                          f"train it with: python -m imagic.toy.{builtin.training_script}")
     return [directory / part if part else directory for part in builtin.folders]
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*")  # a commit sha, a branch or tag, refs/pr/N
+
+
+def split_revision(model: str) -> tuple[str, str | None]:
+    """A hub id pinned to a revision, `org/name@revision`, as (`org/name`, `revision`); anything else (a
+    built-in name, a local path, an s3:// prefix, an unpinned hub id) as (`model`, None)."""
+    name, at, revision = model.rpartition("@")
+    if at and HUB_ID.fullmatch(name) and REVISION.fullmatch(revision) and not Path(model).exists():
+        return name, revision
+    return model, None
+
+
+def model_revision(model: str) -> str | None:
+    """The revisions a model name pins (a cascade: its stages', joined by `+`); None if it pins none."""
+    revisions = [split_revision(part)[1] for part in model.split(CASCADE_SEPARATOR)]
+    return None if not any(revisions) else CASCADE_SEPARATOR.join(r or "" for r in revisions)

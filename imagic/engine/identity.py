@@ -4,30 +4,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from pathlib import Path
 
-from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, shipped_folders
+from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, shipped_folders, split_revision
 from imagic.engine.errors import ModelError
-
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-REVISION = re.compile(r"[\w.-]+(/[\w.-]+)*")  # a commit sha, a branch or tag, refs/pr/N
-
-
-def split_revision(model: str) -> tuple[str, str | None]:
-    """A hub id pinned to a revision, `org/name@revision`, as (`org/name`, `revision`); anything else (a
-    built-in name, a local path, an s3:// prefix, an unpinned hub id) as (`model`, None)."""
-    name, at, revision = model.rpartition("@")
-    if at and HUB_ID.fullmatch(name) and REVISION.fullmatch(revision) and not Path(model).exists():
-        return name, revision
-    return model, None
-
-
-def model_revision(model: str) -> str | None:
-    """The revisions a model name pins (a cascade: its stages', joined by `+`); None if it pins none."""
-    revisions = [split_revision(part)[1] for part in model.split(CASCADE_SEPARATOR)]
-    return None if not any(revisions) else CASCADE_SEPARATOR.join(r or "" for r in revisions)
-
 
 @functools.cache
 def model_sha256(path: str) -> str | None:

@@ -13,10 +13,9 @@ import torch
 from diffusers import (DiffusionPipeline, IFPipeline, IFSuperResolutionPipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 
-from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, BuiltinModel, shipped_folders
+from imagic.engine.builtins import BUILTIN_MODELS, CASCADE_SEPARATOR, BuiltinModel, shipped_folders, split_revision
 from imagic.engine.cache import cache_dir
 from imagic.engine.errors import ModelError
-from imagic.engine.identity import split_revision
 
 logger = logging.getLogger(__name__)
 

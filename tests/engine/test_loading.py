@@ -112,7 +112,8 @@ def test_a_hub_id_pinned_to_a_revision_loads_that_snapshot_and_says_so(tiny_dir,
     record's model_revision name the revision, and another revision is not silently the one cached."""
     import huggingface_hub.constants
 
-    from imagic.engine.identity import model_revision, model_sha256
+    from imagic.engine.builtins import model_revision
+    from imagic.engine.identity import model_sha256
 
     revision = "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(tiny_dir, tmp_path / "models--acme--tiny" / "snapshots" / revision)
