@@ -50,13 +50,13 @@ class SuperResolution(Denoiser):
         return 3, side, side
 
     def _trace_activation_bytes(self, config, embedding) -> int:
-        if self.low_res is not None:
-            return super()._trace_activation_bytes(config, embedding)
-        self.low_res = torch.zeros(1, *self.training_shape(), device=self.device)  # shapes are all the trace needs
+        # One condition image, as training has (a render may have left one per sample); shapes are all it needs.
+        kept = self.low_res, self.augmentation
+        self.low_res = torch.zeros(1, *self.training_shape(), device=self.device)
         try:
             return super()._trace_activation_bytes(config, embedding)
         finally:
-            self.low_res = None
+            self.low_res, self.augmentation = kept
 
     def condition_on(self, low_res: torch.Tensor, size: tuple[int, int], noise_level: int) -> None:
         # As IFSuperResolutionPipeline does: bilinear (corners aligned) to the output size, then noised.
