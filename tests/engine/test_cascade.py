@@ -189,9 +189,15 @@ def test_an_if_base_alone_edits_in_pixel_space_with_the_single_model_recipe(casc
 
 
 def test_on_a_gpu_too_small_the_edit_is_refused_naming_each_part(cascade_editor, monkeypatch):
-    """The check runs on CUDA only; here the device and its size are stood in for."""
+    """The check runs on CUDA only; here the device and its size are stood in for (and what would run on it:
+    the empty text's embedding, computed here; the activation trace, counted in test_precision.py)."""
     from types import SimpleNamespace
 
+    from imagic.engine.denoiser import Denoiser
+
+    empty = cascade_editor.encode_text("")
+    monkeypatch.setattr(cascade_editor, "encode_text", lambda text: empty)
+    monkeypatch.setattr(Denoiser, "activation_bytes", lambda self, config, embedding: 0)
     monkeypatch.setattr(cascade_editor, "device", torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**20))
     with pytest.raises(ValueError, match="super-resolution unet training .*set use_8bit_adam=true or finetune_method=lora"):
