@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wheels a lent GPU machine lacks (it has torch, transformers, peft, accelerate, safetensors and
 # huggingface_hub; no diffusers, no pydantic), downloaded here for its Python (3.12, x86-64) into an ignored
-# folder small enough to carry (≈ 6 MB). Versions: the ones this checkout runs with.
+# folder small enough to carry (≈ 9 MB). Versions: the ones this checkout runs with.
 set -euo pipefail
 cd "$(dirname "$0")"
 version() { python3 -c "from importlib.metadata import version; print(version('$1'))"; }

@@ -126,16 +126,11 @@ def cascade_memory_needs(base: dict[str, int], sr: dict[str, int], config: EditC
     """The peak of the two fine-tunes: the base training with the SR model's weights resident, or the SR
     model training with the base's weights (and, for a full fine-tune, its fp32 snapshot) resident; the
     other stage's optimiser state, draws and activations are freed by then."""
-    base_kept = base["unet weights"] + (4 * base["unet weights"] // base_itemsize(config) if config.finetune_method == "full"
-                                        else 0)
+    base_kept = 2 * base["unet weights"] if config.finetune_method == "full" else base["unet weights"]  # + fp32 snapshot
     during_base = {**base, "super-resolution unet weights": sr["unet weights"]}
     during_sr = {"unet weights": base_kept, "frozen models": base.get("frozen models", 0),
                  **{f"super-resolution {name}": size for name, size in sr.items()}}
     return max(during_base, during_sr, key=lambda needs: sum(needs.values()))
-
-
-def base_itemsize(config: EditConfig) -> int:
-    return 4  # a full fine-tune's weights and snapshot are fp32
 
 
 def _batch(tensor: torch.Tensor, n: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 from imagic.engine.config import EditConfig
 from imagic.engine.loading import scheduler_config
 from imagic.engine.sampling import training_target
-from imagic.engine.weights import UNetWeights, lora_parameter_count
+from imagic.engine.weights import UNetWeights, is_lora_target, lora_parameter_count
 
 if TYPE_CHECKING:
     from imagic.engine.checkpoints import Checkpoints
@@ -205,7 +205,7 @@ class Denoiser:
             return
         # peft fails only after it has started wrapping modules: name the targets it would miss first.
         names = [name for name, _ in self.unet.named_modules()]
-        missing = [t for t in config.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        missing = [t for t in config.lora_target_modules if not any(is_lora_target(n, [t]) for n in names)]
         if missing:
             raise ValueError(f"lora_target_modules {missing} name no module of this UNet "
                              f"(e.g. {', '.join(LORA_TARGET_EXAMPLES)})")
@@ -261,8 +261,7 @@ class Denoiser:
             return tensor
 
         latents = torch.zeros(1, *self.training_shape(), device=self.device)
-        noise, timesteps = self.training_draws(latents, 1, config.model_copy(update={"seed": 0}),
-                                               torch.Generator().manual_seed(0))
+        noise, timesteps = self.training_draws(latents, 1, config, torch.Generator().manual_seed(0))
         frozen = [p for p in self.unet.parameters() if not p.requires_grad]  # traced as if trained: an upper bound
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()

@@ -50,8 +50,8 @@ def text_margins(editor, latents: torch.Tensor, e_tgt: torch.Tensor, e_opt: torc
         for x0 in latents:
             x0 = x0.unsqueeze(0).expand(draws, -1, -1, -1)
             noisy = scheduler.add_noise(x0, noise, timesteps)
-            prediction = (editor.predict(noisy, timesteps, embedding) if config is None
-                          else editor.predict_in(config, noisy, timesteps, embedding)).float()
+            prediction = (editor.predict(noisy, timesteps, embedding).float() if config is None
+                          else editor.predict_in(config, noisy, timesteps, embedding))
             target = training_target(scheduler, x0, noise, timesteps)
             per_image.append(((prediction - target) ** 2).mean())
         errors[name] = torch.stack(per_image)

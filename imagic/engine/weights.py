@@ -176,7 +176,7 @@ def lora_parameter_count(unet: torch.nn.Module, config: EditConfig) -> int:
     rank, B the rank to its output; a convolution's A keeps its kernel), counted without adding them."""
     count = 0
     for name, module in unet.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in config.lora_target_modules):
+        if not is_lora_target(name, config.lora_target_modules):
             continue
         if isinstance(module, torch.nn.Linear):
             count += config.lora_rank * (module.in_features + module.out_features)
@@ -184,3 +184,8 @@ def lora_parameter_count(unet: torch.nn.Module, config: EditConfig) -> int:
             kernel = module.kernel_size[0] * module.kernel_size[1]
             count += config.lora_rank * (module.in_channels * kernel + module.out_channels)
     return count
+
+
+def is_lora_target(name: str, targets) -> bool:
+    """Whether the module `name` is one peft wraps for `targets` (a name or a dotted suffix of one)."""
+    return any(name == t or name.endswith("." + t) for t in targets)

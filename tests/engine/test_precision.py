@@ -43,7 +43,6 @@ def test_under_mixed_precision_every_unet_call_runs_in_autocast_and_only_lora_is
 
 def test_a_fp32_edit_after_a_bf16_one_is_bit_identical_to_a_fresh_one(editor, bf16, scene, quick_config):
     config = quick_config("fast", mixed_precision="no")
-    fresh = None
     with pytest.MonkeyPatch.context() as patch:  # the editor as loaded: fp32
         patch.setattr(editor, "precision", lambda c: "no")
         fresh = editor.edit(scene, "a blue circle", config, etas=[1.0], seeds=[0])
