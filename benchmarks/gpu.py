@@ -275,6 +275,11 @@ def measured_peak_tflops(device: str) -> dict:
     return {"n": n, "dtype": str(dtype), "tflops": 2 * n**3 / seconds / 1e12}
 
 
+def write(report: dict, args) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def session(args) -> dict:
     import torch
 
@@ -291,7 +296,8 @@ def session(args) -> dict:
         # The plan is an H100's; a scaled run expects each row to take as long as the one before.
         planned_here = planned if args.scale == 1 else last_seconds
         if elapsed + planned_here > args.budget_s:
-            report["rows"].append({"row": name, "skipped": f"{elapsed:.0f} s spent, {planned} s planned"})
+            report["rows"].append({"row": name, "skipped": f"{elapsed:.0f} s spent, {planned_here:.0f} s expected"})
+            write(report, args)
             continue
         warm = name.endswith("warm")
         try:
@@ -309,8 +315,7 @@ def session(args) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         report["elapsed_s"] = time.monotonic() - started
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write(report, args)
         print(json.dumps({k: report["rows"][-1].get(k) for k in ("row", "seconds_per_image", "skipped", "error")}),
               flush=True)
     return report
